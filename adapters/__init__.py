@@ -1,0 +1,1 @@
+"""Adapters that put other protocols in front of the chatrpc gRPC service."""

@@ -1,0 +1,118 @@
+"""The HTTP endpoints: each reads the request, makes one gRPC call, and writes the answer.
+
+Failures are raised as ``APIError`` and turned into the OpenAI envelope by the handlers at the
+bottom, which ``app.py`` installs; so are unknown routes (404) and wrong methods (405).
+"""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from adapters.rest.errors import APIError, internal_error, method_not_allowed, not_found_route
+from adapters.rest.sse import stream_chat_completion
+from adapters.rest.translate import (
+    chat_completion_to_json,
+    chat_request_from_json,
+    encode,
+    model_list_to_json,
+    model_to_json,
+    parse_body,
+)
+from adapters.rest.upstream import REQUEST_ID_HEADER, ClientDisconnected, Upstream, request_id, unary_call
+from chatrpc.v1 import chat_pb2
+
+_LIST_MODELS = chat_pb2.ListModelsRequest()
+
+
+def _upstream(request: Request) -> Upstream:
+    return request.app.state.upstream
+
+
+def _json(request: Request, payload: dict, status: int = 200) -> Response:
+    return Response(encode(payload), status, {REQUEST_ID_HEADER: request_id(request)}, "application/json")
+
+
+async def create_chat_completion(request: Request) -> Response:
+    message = chat_request_from_json(parse_body(await request.body()))
+    chat = _upstream(request).chat
+    if message.stream:
+        return await stream_chat_completion(request, chat.StreamChatCompletion, message)
+    completion = await unary_call(request, chat.CreateChatCompletion, message)
+    return _json(request, chat_completion_to_json(completion))
+
+
+async def list_models(request: Request) -> Response:
+    models = await unary_call(request, _upstream(request).chat.ListModels, _LIST_MODELS)
+    return _json(request, model_list_to_json(models))
+
+
+async def retrieve_model(request: Request) -> Response:
+    model_id = request.path_params["model"]
+    models = await unary_call(request, _upstream(request).chat.ListModels, _LIST_MODELS)
+    for model in models.data:
+        if model.id == model_id:
+            return _json(request, model_to_json(model))
+    raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+
+async def health(request: Request) -> Response:
+    upstream = _upstream(request)
+    if await upstream.is_serving():
+        return _json(request, {"status": "ok"})
+    raise APIError(
+        503,
+        f"The chat service at {upstream.target} is not serving.",
+        type="server_error",
+        code="service_unavailable",
+    )
+
+
+ROUTES = [
+    Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    # Model ids may contain slashes ("google/gemma-3-270m").
+    Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+]
+
+
+# ---------------------------------------------------------------------------
+# Exception handlers: every failure in the OpenAI envelope
+# ---------------------------------------------------------------------------
+
+
+async def on_api_error(request: Request, error: APIError) -> Response:
+    return error.to_response({REQUEST_ID_HEADER: request_id(request)})
+
+
+async def on_http_exception(request: Request, error: HTTPException) -> Response:
+    if error.status_code == 404:
+        api_error = not_found_route(request.method, request.url.path)
+    elif error.status_code == 405:
+        api_error = method_not_allowed(request.method, request.url.path)
+    else:
+        api_error = APIError(error.status_code, str(error.detail))
+    headers = dict(error.headers or {})
+    headers[REQUEST_ID_HEADER] = request_id(request)
+    return api_error.to_response(headers)
+
+
+async def on_client_disconnected(request: Request, error: ClientDisconnected) -> Response:
+    # Nobody reads this answer: the client has gone and the gRPC call is cancelled.
+    return Response(status_code=499)
+
+
+async def on_unexpected_error(request: Request, error: Exception) -> Response:
+    # Starlette re-raises the exception after this answer is sent, and the server logs it.
+    return internal_error().to_response({REQUEST_ID_HEADER: request_id(request)})
+
+
+EXCEPTION_HANDLERS = {
+    APIError: on_api_error,
+    HTTPException: on_http_exception,
+    ClientDisconnected: on_client_disconnected,
+    Exception: on_unexpected_error,
+}

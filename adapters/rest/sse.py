@@ -1,0 +1,114 @@
+"""``"stream": true``: the completion as Server-Sent Events, exactly as OpenAI sends them.
+
+Each chunk is ``data: {json}\\n\\n``; the stream ends with ``data: [DONE]\\n\\n``. The first chunk is
+awaited before the HTTP response starts, so that an error the service reports up front (a bad
+argument, an unknown model) is an ordinary HTTP error with the right status. An error after that is
+sent as one ``data: {"error": {...}}\\n\\n`` event that ends the stream. When the client goes away
+the gRPC call is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from adapters.rest.errors import from_rpc_error, internal_error
+from adapters.rest.translate import chunk_to_json, encode
+from adapters.rest.upstream import (
+    REQUEST_ID_HEADER,
+    ClientDisconnected,
+    DisconnectWatch,
+    call_metadata,
+    request_id,
+)
+from chatrpc.v1 import chat_pb2
+
+logger = logging.getLogger(__name__)
+
+_DONE = b"data: [DONE]\n\n"
+_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    # Tell a buffering reverse proxy (nginx) to pass each event on at once.
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def _event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+async def stream_chat_completion(
+    request: Request,
+    method: grpc.aio.UnaryStreamMultiCallable,
+    message: chat_pb2.ChatCompletionRequest,
+) -> EventStreamResponse:
+    """Starts the streaming call and waits for its first chunk; raises ``APIError`` if the service
+    fails before that and ``ClientDisconnected`` if the client leaves first."""
+    call = method(message, metadata=call_metadata(request))
+    watch = DisconnectWatch(request, call)
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as error:
+        watch.stop()
+        raise from_rpc_error(error) from None
+    except asyncio.CancelledError:
+        watch.stop()
+        if watch.client_gone():
+            raise ClientDisconnected from None
+        call.cancel()
+        raise
+    except BaseException:
+        watch.stop()
+        call.cancel()
+        raise
+    include_usage = message.stream_options.include_usage
+    return EventStreamResponse(call, watch, first, include_usage, request_id(request))
+
+
+class EventStreamResponse:
+    """An ASGI response that relays a started ``StreamChatCompletion`` call as SSE."""
+
+    def __init__(
+        self,
+        call: grpc.aio.UnaryStreamCall,
+        watch: DisconnectWatch,
+        first: chat_pb2.ChatCompletionChunk | object,
+        include_usage: bool,
+        request_id: str,
+    ) -> None:
+        self._call = call
+        self._watch = watch
+        self._first = first
+        self._include_usage = include_usage
+        self._headers = [*_HEADERS, (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1"))]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        call, include_usage = self._call, self._include_usage
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+            chunk = self._first
+            while chunk is not grpc.aio.EOF:
+                data = _event(encode(chunk_to_json(chunk, include_usage)))
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                chunk = await call.read()
+            await send({"type": "http.response.body", "body": _DONE, "more_body": False})
+        except grpc.aio.AioRpcError as error:
+            await self._end_with_error(send, from_rpc_error(error).to_json())
+        except asyncio.CancelledError:
+            if not self._watch.client_gone():
+                raise
+        except Exception:
+            logger.exception("streaming a chat completion failed")
+            await self._end_with_error(send, internal_error().to_json())
+        finally:
+            self._watch.stop()
+            call.cancel()  # a no-op once the call has ended
+
+    @staticmethod
+    async def _end_with_error(send: Send, envelope: bytes) -> None:
+        await send({"type": "http.response.body", "body": _event(envelope), "more_body": False})

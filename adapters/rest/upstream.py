@@ -1,0 +1,125 @@
+"""The gRPC service behind the adapter: one shared channel, per-call metadata, and cancellation.
+
+Every HTTP request that reaches the service makes one gRPC call on the channel opened at startup.
+The call carries the client's ``Authorization`` header unchanged (the service checks keys) and a
+request id, and is cancelled as soon as the HTTP client disconnects: a watcher task waits for the
+ASGI ``http.disconnect`` message, which the server sends only once the client is gone (the body has
+already been read), and cancels the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.requests import Request
+
+from adapters.rest.errors import APIError, from_rpc_error
+from chatrpc.v1 import chat_pb2_grpc
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_SCOPE_KEY = "chatrpc.request_id"
+_HEALTH_CHECK = health_pb2.HealthCheckRequest(service="")
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the answer was ready; the gRPC call was cancelled."""
+
+
+class Upstream:
+    """The channel to the chatrpc gRPC service and its stubs, shared by all requests."""
+
+    def __init__(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=list(options))
+        self.chat = chat_pb2_grpc.ChatCompletionsStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def is_serving(self, timeout: float = 2.0) -> bool:
+        """Whether the service's standard health check for the whole server ("") says SERVING."""
+        try:
+            response = await self._health.Check(_HEALTH_CHECK, timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return response.status == _SERVING
+
+
+def _valid_metadata_value(value: str) -> bool:
+    # gRPC refuses (with an opaque error) metadata values outside printable ASCII; HTTP allows more.
+    return value.isascii() and value.isprintable()
+
+
+def request_id(request: Request) -> str:
+    """The client's ``x-request-id``, or a new one; the same for the whole HTTP request."""
+    scope = request.scope
+    value = scope.get(_REQUEST_ID_SCOPE_KEY)
+    if value is None:
+        value = request.headers.get(REQUEST_ID_HEADER)
+        if not value or not _valid_metadata_value(value):
+            value = f"req_{uuid.uuid4().hex}"
+        scope[_REQUEST_ID_SCOPE_KEY] = value
+    return value
+
+
+def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for a call made on behalf of ``request``: its request id and credentials."""
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        return ((REQUEST_ID_HEADER, request_id(request)),)
+    if not _valid_metadata_value(authorization):
+        raise APIError(
+            401,
+            "The Authorization header holds characters that an API key cannot contain.",
+            code="invalid_api_key",
+        )
+    return ((REQUEST_ID_HEADER, request_id(request)), ("authorization", authorization))
+
+
+class DisconnectWatch:
+    """Cancels ``call`` when the HTTP client disconnects; ``stop()`` once the answer is sent."""
+
+    __slots__ = ("disconnected", "_task")
+
+    def __init__(self, request: Request, call: grpc.aio.Call) -> None:
+        self.disconnected = False
+        self._task = asyncio.create_task(self._watch(request.receive, call))
+
+    async def _watch(self, receive, call: grpc.aio.Call) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        call.cancel()
+
+    def client_gone(self) -> bool:
+        """After the call raised CancelledError: whether that was the client leaving (and not this
+        task being cancelled, which must propagate)."""
+        task = asyncio.current_task()
+        return self.disconnected and (task is None or task.cancelling() == 0)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def unary_call(request: Request, method: grpc.aio.UnaryUnaryMultiCallable, message):
+    """Makes a unary call for ``request``; raises ``APIError`` on an error status and
+    ``ClientDisconnected`` (after cancelling the call) when the client leaves first."""
+    call = method(message, metadata=call_metadata(request))
+    watch = DisconnectWatch(request, call)
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error) from None
+    except asyncio.CancelledError:
+        if watch.client_gone():
+            raise ClientDisconnected from None
+        raise
+    finally:
+        watch.stop()
