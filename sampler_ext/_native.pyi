@@ -1,0 +1,75 @@
+"""Type stubs for the compiled module ``sampler_ext._native``; see ``sampler_ext`` for the algorithm."""
+
+import numpy
+import numpy.typing
+
+class SequenceSampler:
+    """Samples the tokens of one sequence and keeps its history for the penalties.
+
+    Logprobs, everywhere, are the log-softmax of the raw logits passed to :meth:`sample`, before
+    logit bias, penalties, temperature and top-p, as OpenAI reports them.
+
+    Every invalid argument raises ``ValueError`` (``TypeError`` for a wrong type), at construction
+    for the parameters and in :meth:`sample` for the logits; a failed call changes nothing, so the
+    sampler can be used again.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        top_logprobs: int = 0,
+    ) -> None:
+        """
+        Args:
+            vocab_size: number of logits ``sample`` expects, in ``[1, 2**31 - 1]``.
+            seed: any int in ``[-2**63, 2**64)``; negative values are taken modulo ``2**64`` (the
+                gRPC seed is int64), so ``-1`` and ``2**64 - 1`` give the same stream.
+            temperature: in ``[0, 2]``; below ``1e-5`` the choice is greedy (argmax, lowest id on
+                ties) and no random number is drawn.
+            top_p: in ``(0, 1]``; the nucleus always keeps at least one token.
+            frequency_penalty: in ``[-2, 2]``, times how often a token is in the history.
+            presence_penalty: in ``[-2, 2]``, once for any token in the history.
+            logit_bias: token id in ``[0, vocab_size)`` -> bias, a finite float in ``[-100, 100]``.
+            top_logprobs: in ``[0, 20]``, how many of the most likely tokens ``sample`` reports.
+        """
+
+    def sample(
+        self, logits: numpy.typing.NDArray[numpy.float32]
+    ) -> tuple[int, float, list[tuple[int, float]]]:
+        """Chooses the next token and records it in the history.
+
+        Args:
+            logits: 1-D, C-contiguous float32 array of ``vocab_size`` logits; only read, never
+                written, and read with the GIL released (do not write to it from another thread
+                meanwhile). ``-inf`` marks an impossible token; NaN and ``+inf`` are refused, and
+                so are arrays in which every token is impossible.
+
+        Returns:
+            ``(token, logprob, top_logprobs)``: the chosen token id, its raw logprob, and the
+            ``min(top_logprobs, vocab_size)`` most likely tokens as ``(token id, raw logprob)``,
+            most likely first, ties by lower id. A logprob is ``-inf`` for a token whose logit was
+            ``-inf`` (possible in ``top_logprobs`` only when few tokens are possible).
+
+        Raises:
+            ValueError: wrong length, non-contiguous array, a NaN or ``+inf`` logit, or all ``-inf``.
+            TypeError: not a 1-D float32 numpy array.
+        """
+
+    def record(self, token: int) -> None:
+        """Adds ``token`` to the history without sampling (e.g. a token forced by constrained
+        decoding), so that penalties count it. ``ValueError`` unless ``0 <= token < vocab_size``."""
+
+    @property
+    def generated(self) -> int:
+        """How many tokens are in the history, sampled or recorded."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of logits ``sample`` expects."""

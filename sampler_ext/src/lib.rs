@@ -1,0 +1,157 @@
+//! chatrpc's token sampler as a Python extension module, `sampler_ext._native`.
+//!
+//! The algorithm lives in [`sampler`], plain Rust over `&[f32]`; this file only converts Python
+//! arguments, releases the GIL around the numeric work and turns [`SamplerError`] into
+//! `ValueError`.
+
+pub mod error;
+pub mod rng;
+pub mod sampler;
+
+use numpy::PyReadonlyArray1;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyInt};
+
+pub use error::SamplerError;
+pub use sampler::{Sample, SamplerConfig, SequenceSampler};
+
+/// `(token, logprob, [(token, logprob), ...])`, as Python receives a sample.
+type SampleTuple = (u32, f64, Vec<(u32, f64)>);
+
+/// Samples the tokens of one sequence: logit bias, frequency and presence penalties over its own
+/// history, temperature, top-p and a draw from a ChaCha20 stream seeded by `seed`.
+///
+/// Logprobs are the log-softmax of the raw logits, before bias, penalties, temperature and top-p.
+#[pyclass(name = "SequenceSampler", module = "sampler_ext._native")]
+pub struct PySequenceSampler {
+    inner: SequenceSampler,
+    config: SamplerConfig,
+}
+
+#[pymethods]
+impl PySequenceSampler {
+    #[new]
+    #[pyo3(signature = (
+        vocab_size, *, seed, temperature = 1.0, top_p = 1.0, frequency_penalty = 0.0,
+        presence_penalty = 0.0, logit_bias = None, top_logprobs = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vocab_size: &Bound<'_, PyAny>,
+        seed: &Bound<'_, PyAny>,
+        temperature: f64,
+        top_p: f64,
+        frequency_penalty: f64,
+        presence_penalty: f64,
+        logit_bias: Option<&Bound<'_, PyDict>>,
+        top_logprobs: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let mut bias = Vec::new();
+        if let Some(dict) = logit_bias {
+            bias.reserve(dict.len());
+            for (token, value) in dict.iter() {
+                bias.push((
+                    extract_int(&token, "logit_bias token id")?,
+                    value.extract::<f64>()?,
+                ));
+            }
+        }
+        let config = SamplerConfig {
+            vocab_size: extract_int(vocab_size, "vocab_size")?,
+            seed: extract_seed(seed)?,
+            temperature,
+            top_p,
+            frequency_penalty,
+            presence_penalty,
+            logit_bias: bias,
+            top_logprobs: match top_logprobs {
+                Some(k) => extract_int(k, "top_logprobs")?,
+                None => 0,
+            },
+        };
+        let inner = SequenceSampler::new(config.clone())?;
+        Ok(Self { inner, config })
+    }
+
+    /// Chooses the next token from a 1-D, C-contiguous float32 array of `vocab_size` logits (only
+    /// read, never written) and records it. Returns `(token, logprob, top_logprobs)`.
+    fn sample(
+        &mut self,
+        py: Python<'_>,
+        logits: PyReadonlyArray1<'_, f32>,
+    ) -> PyResult<SampleTuple> {
+        let logits = logits.as_slice().map_err(|_| SamplerError::NotContiguous)?;
+        let inner = &mut self.inner;
+        let sample = py.detach(|| inner.sample(logits))?;
+        Ok((sample.token, sample.logprob, sample.top_logprobs))
+    }
+
+    /// Adds `token` to the history without sampling; penalties will count it.
+    fn record(&mut self, token: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.record(extract_int(token, "token id")?)?;
+        Ok(())
+    }
+
+    /// How many tokens are in the history (sampled or recorded).
+    #[getter]
+    fn generated(&self) -> usize {
+        self.inner.generated()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.config;
+        format!(
+            "SequenceSampler(vocab_size={}, seed={}, temperature={:?}, top_p={:?}, \
+             frequency_penalty={:?}, presence_penalty={:?}, logit_bias=<{} entries>, \
+             top_logprobs={}, generated={})",
+            c.vocab_size,
+            c.seed,
+            c.temperature,
+            c.top_p,
+            c.frequency_penalty,
+            c.presence_penalty,
+            c.logit_bias.len(),
+            c.top_logprobs,
+            self.inner.generated(),
+        )
+    }
+}
+
+/// An integer argument as `i64`; a Python int too large for it is a `ValueError` (out of range),
+/// anything that is not an int keeps pyo3's `TypeError`.
+fn extract_int(value: &Bound<'_, PyAny>, what: &'static str) -> PyResult<i64> {
+    value.extract::<i64>().map_err(|err| {
+        if value.is_instance_of::<PyInt>() {
+            SamplerError::IntegerOutOfRange {
+                what,
+                value: value.to_string(),
+            }
+            .into()
+        } else {
+            err
+        }
+    })
+}
+
+/// The gRPC seed is `int64`, OpenAI's is any integer: take `[-2**63, 2**64)` modulo 2**64.
+fn extract_seed(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(seed) = seed.extract::<u64>() {
+        return Ok(seed);
+    }
+    match seed.extract::<i64>() {
+        Ok(seed) => Ok(seed as u64),
+        Err(_) if seed.is_instance_of::<PyInt>() => Err(SamplerError::Seed.into()),
+        Err(err) => Err(err),
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PySequenceSampler>()?;
+    Ok(())
+}
