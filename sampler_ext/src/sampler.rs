@@ -19,8 +19,9 @@
 //!    `u * kept_total` (`kept_total` summed in the same order).
 //! 7. **Record** the token in the history, so that later penalties see it.
 //!
-//! All arithmetic after the raw scan is `f64`, every sum is sequential in the order stated, so the
-//! result depends only on the seed and the logits (and on `exp`, correctly rounded to within an ulp).
+//! All arithmetic after the raw scan is `f64` and every sum is sequential in the order stated, so
+//! the result depends only on the seed and the logits, and on `exp`, whose last bit may differ
+//! between math libraries (which can only matter when a draw lands within an ulp of a boundary).
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
