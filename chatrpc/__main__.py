@@ -1,0 +1,3 @@
+from chatrpc.cli import main
+
+main()

@@ -1,0 +1,192 @@
+"""The `chatrpc` command: `serve` (gRPC and REST together), `grpc` and `rest` apart."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+log = logging.getLogger("chatrpc")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default: %(default)s)")
+
+
+def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_flag: str) -> None:
+    group = parser.add_argument_group("gRPC service")
+    group.add_argument(host_flag, dest="grpc_host", default="127.0.0.1", help="address the gRPC server listens on (default: %(default)s)")
+    group.add_argument(port_flag, dest="grpc_port", type=int, default=50051, help="port of the gRPC server (default: %(default)s)")
+    group.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="ID=PATH",
+        help="serve the GGUF file PATH as model ID; repeatable. The embedded gemma-3-270m is served too unless --no-default-model",
+    )
+    group.add_argument("--no-default-model", action="store_true", help="do not serve the embedded gemma-3-270m")
+    group.add_argument(
+        "--api-key-file",
+        help="file with one API key per line, added to those in $CHATRPC_API_KEYS (comma-separated). "
+        "Clients send 'authorization: Bearer KEY'. With no keys the server is open and binds loopback only",
+    )
+    group.add_argument("--insecure", action="store_true", help="allow a non-loopback address without API keys")
+    group.add_argument("--ctx-size", type=int, default=4096, help="context length of each sequence in tokens (default: %(default)s)")
+    group.add_argument("--parallel", type=int, default=8, help="sequences generated at once per model (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=512, help="most tokens in one decode step (default: %(default)s)")
+    group.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="most prompt tokens prefilled per step while other sequences decode (default: %(default)s)",
+    )
+    group.add_argument("--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores)")
+    group.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
+
+
+def _add_rest_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_flag: str) -> None:
+    group = parser.add_argument_group("REST adapter")
+    group.add_argument(host_flag, dest="rest_host", default="127.0.0.1", help="address the REST adapter listens on (default: %(default)s)")
+    group.add_argument(port_flag, dest="rest_port", type=int, default=8000, help="port of the REST adapter (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatrpc", description="A self-hosted Chat Completions server on local GGUF models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC service and the REST adapter together")
+    _add_common(serve)
+    _add_grpc_flags(serve, host_flag="--grpc-host", port_flag="--grpc-port")
+    _add_rest_flags(serve, host_flag="--host", port_flag="--port")
+
+    grpc_only = commands.add_parser("grpc", help="run the gRPC service alone")
+    _add_common(grpc_only)
+    _add_grpc_flags(grpc_only, host_flag="--host", port_flag="--port")
+
+    rest = commands.add_parser("rest", help="run the REST adapter alone, in front of a gRPC service")
+    _add_common(rest)
+    _add_rest_flags(rest, host_flag="--host", port_flag="--port")
+    rest.add_argument("--upstream", default="127.0.0.1:50051", metavar="HOST:PORT", help="the gRPC service (default: %(default)s)")
+    rest.add_argument("--insecure", action="store_true", help="allow a non-loopback address in front of a service that needs no key")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # llama.cpp's own log lines are detail; show them only when debugging.
+    logging.getLogger("llama.cpp").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:  # noqa: ANN001
+    from service.auth import keys_from_environment
+    from service.models import DEFAULT_MODEL_ID, EngineSettings, ModelRegistry, ModelSpec
+    from service.server import GrpcServerConfig, check_bind_is_safe, serve
+
+    keys = keys_from_environment(args.api_key_file)
+    check_bind_is_safe(args.grpc_host, keys, args.insecure)
+    specs = [] if args.no_default_model else [ModelSpec(DEFAULT_MODEL_ID)]
+    specs += [ModelSpec.parse(text) for text in args.models]
+    if not specs:
+        raise SystemExit("chatrpc: no model to serve (--no-default-model and no --model)")
+    settings = EngineSettings(
+        context_per_sequence=args.ctx_size,
+        max_sequences=args.parallel,
+        batch_size=args.batch_size,
+        prefill_chunk=args.prefill_chunk,
+        max_waiting=args.max_waiting,
+        threads=args.threads,
+    )
+    registry = ModelRegistry(specs, settings)
+    config = GrpcServerConfig(
+        host=args.grpc_host, port=args.grpc_port, api_keys=tuple(keys), insecure=args.insecure, grace_seconds=args.grace
+    )
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(serve(registry, config, ready=ready))
+        await ready.wait()
+        if on_ready is not None:
+            on_ready()
+        await task
+
+    asyncio.run(main())
+
+
+def _rest_upstream_is_open(upstream: str) -> bool:
+    """Whether the gRPC service answers without a key (then the adapter must stay on loopback)."""
+    import grpc
+
+    from chatrpc.v1 import chat_pb2, chat_pb2_grpc
+
+    with grpc.insecure_channel(upstream) as channel:
+        try:
+            chat_pb2_grpc.ChatCompletionsStub(channel).ListModels(chat_pb2.ListModelsRequest(), timeout=5)
+            return True
+        except grpc.RpcError as error:
+            return error.code() != grpc.StatusCode.UNAUTHENTICATED
+
+
+def _run_rest(args: argparse.Namespace) -> None:
+    from adapters.rest.app import run
+    from service.server import is_loopback_host
+
+    if not is_loopback_host(args.rest_host) and not args.insecure and _rest_upstream_is_open(args.upstream):
+        raise SystemExit(
+            f"chatrpc: refusing to listen on {args.rest_host}: the upstream {args.upstream} needs no API key "
+            "(or cannot be reached); configure keys there or pass --insecure"
+        )
+    run(args.rest_host, args.rest_port, args.upstream, args.log_level)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """gRPC in this process; the REST adapter in a child process started once gRPC is up."""
+    from service.auth import keys_from_environment
+    from service.server import check_bind_is_safe
+
+    # The adapter exposes the service: the same loopback rule applies to its address.
+    check_bind_is_safe(args.rest_host, keys_from_environment(args.api_key_file), args.insecure)
+    upstream_host = "127.0.0.1" if args.grpc_host in ("0.0.0.0", "::", "[::]") else args.grpc_host
+    child: list[subprocess.Popen] = []
+
+    def start_rest() -> None:
+        command = [
+            sys.executable, "-m", "chatrpc", "rest",
+            "--host", args.rest_host, "--port", str(args.rest_port),
+            "--upstream", f"{upstream_host}:{args.grpc_port}", "--log-level", args.log_level, "--insecure",
+        ]  # fmt: skip
+        child.append(subprocess.Popen(command, env=os.environ.copy()))
+        log.warning("REST adapter starting on http://%s:%d/v1", args.rest_host, args.rest_port)
+
+    try:
+        _run_grpc(args, on_ready=start_rest)
+    finally:
+        for process in child:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from service.server import InsecureBindError
+
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        if args.command == "serve":
+            _serve(args)
+        elif args.command == "grpc":
+            _run_grpc(args)
+        else:
+            _run_rest(args)
+    except InsecureBindError as error:
+        raise SystemExit(f"chatrpc: {error}") from None

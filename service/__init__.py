@@ -1,0 +1,1 @@
+"""chatrpc's gRPC service: the Chat Completions API on local models through llama.cpp."""

@@ -1,0 +1,86 @@
+"""API-key authentication for every RPC, as a server interceptor.
+
+Keys come from `CHATRPC_API_KEYS` (comma-separated) and/or a key file (one key per line). Clients
+send `authorization: Bearer <key>` metadata. Keys are compared in constant time and never logged.
+The standard health service stays open so that load balancers and probes need no key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+
+# Health checks are answered without a key, as orchestrators expect.
+_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def load_api_keys(env_value: str | None, key_file: str | None) -> list[str]:
+    """Collect keys from the environment's comma-separated list and a file of one key per line."""
+    keys: list[str] = []
+    if env_value:
+        keys.extend(k.strip() for k in env_value.split(","))
+    if key_file:
+        keys.extend(line.strip() for line in Path(key_file).read_text().splitlines())
+    return [k for k in keys if k and not k.startswith("#")]
+
+
+def keys_from_environment(key_file: str | None = None) -> list[str]:
+    return load_api_keys(os.environ.get("CHATRPC_API_KEYS"), key_file)
+
+
+class ApiKeyChecker:
+    """Checks a presented bearer token against the configured keys in constant time."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = [k.encode() for k in keys]
+
+    def is_valid(self, authorization: str | None) -> bool:
+        if authorization is None:
+            return False
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        presented = token.strip().encode()
+        # Compare with every key, without stopping at a match, so timing reveals nothing.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(presented, key)
+        return matched
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC but health checks unless it carries a valid bearer key."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._checker = ApiKeyChecker(keys)
+
+        async def refuse(request, context):  # noqa: ANN001 - gRPC handler signature
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer <key>'.")
+
+        self._refuse_unary = grpc.unary_unary_rpc_method_handler(refuse)
+
+        async def refuse_stream(request, context):  # noqa: ANN001
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer <key>'.")
+            yield  # pragma: no cover - makes this an async generator
+
+        self._refuse_stream = grpc.unary_stream_rpc_method_handler(refuse_stream)
+
+    async def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001
+        method = handler_call_details.method
+        if method.startswith(_OPEN_METHOD_PREFIXES):
+            return await continuation(handler_call_details)
+        authorization = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                authorization = value
+                break
+        if self._checker.is_valid(authorization):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is not None and handler.response_streaming:
+            return self._refuse_stream
+        return self._refuse_unary

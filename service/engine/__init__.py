@@ -1,0 +1,1 @@
+"""The generation engine: a llama.cpp model, its context and the continuous-batching scheduler."""

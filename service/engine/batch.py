@@ -1,0 +1,63 @@
+"""A llama_batch whose arrays are numpy arrays, so a step's batch is filled with slice writes.
+
+llama_batch_init gives each token its own malloc'd seq_id array; here every seq_id[i] points into one
+int32 array instead, so setting the sequence ids of a whole run of tokens is one vectorised write.
+Each token belongs to exactly one sequence (n_seq_id = 1).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+
+
+class TokenBatch:
+    """Room for `capacity` tokens; `add` appends runs of tokens of one sequence."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.tokens = np.zeros(capacity, dtype=np.int32)
+        self.positions = np.zeros(capacity, dtype=np.int32)
+        self.seq_ids = np.zeros(capacity, dtype=np.int32)
+        self.outputs = np.zeros(capacity, dtype=np.int8)
+        self._n_seq_id = np.ones(capacity, dtype=np.int32)
+        seq_id_base = self.seq_ids.ctypes.data
+        item = self.seq_ids.itemsize
+        self._seq_id_pointers = (ctypes.POINTER(llama_cpp.llama_seq_id) * capacity)(
+            *(ctypes.cast(seq_id_base + i * item, ctypes.POINTER(llama_cpp.llama_seq_id)) for i in range(capacity))
+        )
+        self.struct = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self.tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            embd=None,
+            pos=self.positions.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_id_pointers,
+            logits=self.outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+        self.size = 0
+
+    def clear(self) -> None:
+        self.size = 0
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.size
+
+    def add(self, seq_id: int, tokens, first_position: int, *, output_last: bool) -> None:  # noqa: ANN001 - list or array
+        """Append a run of one sequence's tokens at consecutive positions; the last one may output logits."""
+        n = len(tokens)
+        start, end = self.size, self.size + n
+        self.tokens[start:end] = tokens
+        self.positions[start:end] = np.arange(first_position, first_position + n, dtype=np.int32)
+        self.seq_ids[start:end] = seq_id
+        self.outputs[start:end] = 0
+        if output_last:
+            self.outputs[end - 1] = 1
+        self.size = end
+
+    def finish(self) -> llama_cpp.llama_batch:
+        self.struct.n_tokens = self.size
+        return self.struct

@@ -1,0 +1,178 @@
+"""A GGUF model loaded through llama.cpp's C API: weights, vocabulary, context and chat template.
+
+One context serves every sequence of the model: its KV cache holds `max_sequences` separate
+streams of `context_per_sequence` tokens each. Only the scheduler thread touches the context;
+tokenization and the token table only read the vocabulary and are safe from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from service.chat_template import ChatTemplate
+
+log = logging.getLogger(__name__)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+# ggml's log levels; CONT continues the previous line at its level.
+_GGML_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+_llama_log = logging.getLogger("llama.cpp")
+_last_level = logging.DEBUG
+
+
+@llama_cpp.llama_log_callback
+def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp prints hundreds of lines per model load to stderr; route them into logging instead.
+    global _last_level
+    _last_level = _GGML_LEVELS.get(level, _last_level)
+    if _llama_log.isEnabledFor(_last_level):
+        _llama_log.log(_last_level, "%s", text.decode("utf-8", errors="replace").rstrip("\n"))
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+class ModelLoadError(Exception):
+    """The file is missing or llama.cpp cannot load it."""
+
+
+class LoadedModel:
+    """Weights, vocabulary and context of one served model."""
+
+    def __init__(
+        self,
+        model_id: str,
+        path: Path,
+        *,
+        context_per_sequence: int = 4096,
+        max_sequences: int = 8,
+        batch_size: int = 512,
+        threads: int | None = None,
+    ) -> None:
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        _init_backend()
+        self.model_id = model_id
+        self.path = path
+        self.max_sequences = max_sequences
+        self.batch_size = batch_size
+
+        model_params = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.context_train = llama_cpp.llama_model_n_ctx_train(self.model)
+
+        threads = threads or os.cpu_count() or 1
+        context_params = llama_cpp.llama_context_default_params()
+        context_params.n_ctx = min(context_per_sequence, self.context_train) * max_sequences
+        context_params.n_batch = batch_size
+        context_params.n_ubatch = batch_size
+        context_params.n_seq_max = max_sequences
+        context_params.n_threads = threads
+        context_params.n_threads_batch = threads
+        # Separate KV streams: sequences share no prefix yet, and each gets its whole window.
+        context_params.kv_unified = False
+        context_params.no_perf = True
+        # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it.
+        context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self.context = llama_cpp.llama_init_from_model(self.model, context_params)
+        if not self.context:
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
+        self.memory = llama_cpp.llama_get_memory(self.context)
+        self.context_per_sequence = llama_cpp.llama_n_ctx_seq(self.context)
+
+        self.architecture = self.metadata("general.architecture") or "unknown"
+        self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self.vocab))
+        embedded_template = llama_cpp.llama_model_chat_template(self.model, None)
+        self.template = ChatTemplate.for_model(
+            embedded_template.decode() if embedded_template else None,
+            self.architecture,
+            bos_token=self.bos_text,
+            eos_token=self.eos_text,
+        )
+        self.system_fingerprint = self._fingerprint()
+        self.token_bytes = lru_cache(maxsize=None)(self._token_bytes)
+
+    def metadata(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(512)
+        length = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buffer, len(buffer))
+        if length < 0:
+            return None
+        if length >= len(buffer):
+            buffer = ctypes.create_string_buffer(length + 1)
+            llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace")
+
+    def _fingerprint(self) -> str:
+        # Names the exact weights and engine build: a changed file or llama.cpp gives another one.
+        stat = self.path.stat()
+        identity = f"{self.path.name}:{stat.st_size}:{int(stat.st_mtime)}:{llama_cpp.__version__}"
+        return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:10]
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        length = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, special)
+        if length < 0:
+            buffer = ctypes.create_string_buffer(-length)
+            length = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, special)
+        return buffer.raw[:length]
+
+    def _special_text(self, token: int) -> str:
+        return self._piece(token, True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    def _token_bytes(self, token: int) -> bytes:
+        """The bytes a token adds to the output text (control tokens add none)."""
+        return self._piece(token, False)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode()
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if count < 0:
+            capacity = -count
+            tokens = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        return list(tokens[:count])
+
+    def render_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The messages through the chat template, then tokenized with special tokens parsed."""
+        prompt = self.template.render(messages, add_generation_prompt=True)
+        tokens = self.tokenize(prompt, add_special=False, parse_special=True)
+        bos = llama_cpp.llama_vocab_bos(self.vocab)
+        # A template that leaves BOS out relies on the tokenizer to add it, as llama.cpp's server does.
+        if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos >= 0 and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        return tokens
+
+    def close(self) -> None:
+        if self.context:
+            llama_cpp.llama_free(self.context)
+            self.context = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None

@@ -1,0 +1,113 @@
+"""One request's sequence in the engine: its prompt, its sampler and the text it has produced.
+
+The scheduler thread owns every Sequence; the asyncio side only reads the updates it is sent and
+may set `cancelled`, which the scheduler honours at its next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.detokenizer import IncrementalDetokenizer
+from service.request import Generation
+from service.stop_strings import StopStringMatcher
+
+
+@dataclass(frozen=True)
+class TopToken:
+    """One of the most likely tokens at a position."""
+
+    token: str
+    logprob: float
+    token_bytes: bytes
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The logprob of a generated token, with the alternatives when asked for."""
+
+    token: str
+    logprob: float
+    token_bytes: bytes
+    top: list[TopToken]
+
+
+@dataclass
+class SequenceUpdate:
+    """What one step added to a sequence, sent to the request's handler."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    completion_tokens: int
+    error: str | None = None
+
+
+class Sequence:
+    """A request being generated: prefilled in chunks, then decoded one token per step."""
+
+    def __init__(
+        self,
+        generation: Generation,
+        *,
+        sampler,  # noqa: ANN001 - sampler_ext.SequenceSampler
+        token_bytes: Callable[[int], bytes],
+        is_end_of_generation: Callable[[int], bool],
+        deliver: Callable[[SequenceUpdate], None],
+    ) -> None:
+        self.generation = generation
+        self.sampler = sampler
+        self.deliver = deliver
+        self.seq_id: int = -1
+        self.prefilled = 0  # prompt tokens already in the KV cache
+        self.n_past = 0  # tokens of this sequence in the KV cache, prompt and generated
+        self.last_token: int | None = None
+        self.generated = 0
+        self.cancelled = False
+        self.finished = False
+        self._token_bytes = token_bytes
+        self._is_end = is_end_of_generation
+        self._detokenizer = IncrementalDetokenizer(token_bytes)
+        self._stops = StopStringMatcher(generation.stop)
+        self._want_logprobs = generation.sampling.logprobs
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.generation.prompt_tokens)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < self.prompt_length
+
+    def _logprob_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        raw = self._token_bytes(token)
+        alternatives = []
+        for alt, alt_logprob in top:
+            alt_raw = self._token_bytes(alt)
+            alternatives.append(TopToken(alt_raw.decode("utf-8", errors="replace"), alt_logprob, alt_raw))
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), logprob, raw, alternatives)
+
+    def accept(self, token: int, logprob: float, top: list[tuple[int, float]]) -> SequenceUpdate:
+        """Take the token the sampler chose; return the text it makes ready and whether it ends the sequence."""
+        self.generated += 1
+        self.last_token = token
+        finish = None
+        logprobs = None
+        if self._is_end(token):
+            text = self._stops.feed(self._detokenizer.flush()) + self._stops.flush()
+            finish = "stop"
+        else:
+            if self._want_logprobs:
+                logprobs = [self._logprob_entry(token, logprob, top)]
+            text = self._stops.feed(self._detokenizer.add(token))
+            if self._stops.matched is not None:
+                finish = "stop"
+            elif self.generated >= self.generation.max_new_tokens:
+                text += self._stops.feed(self._detokenizer.flush())
+                if self._stops.matched is None:
+                    text += self._stops.flush()
+                finish = "length" if self._stops.matched is None else "stop"
+        if finish is not None:
+            self.finished = True
+        return SequenceUpdate(text=text, logprobs=logprobs, finish_reason=finish, completion_tokens=self.generated)

