@@ -2,7 +2,8 @@
 
 Keys come from `CHATRPC_API_KEYS` (comma-separated) and/or a key file (one key per line). Clients
 send `authorization: Bearer <key>` metadata. Keys are compared in constant time and never logged.
-The standard health service stays open so that load balancers and probes need no key.
+The standard health service stays open so that load balancers and probes need no key, and so does
+reflection, which describes only the public API, so that `grpcurl list` works before a key is set.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from pathlib import Path
 
 import grpc
 
-# Health checks are answered without a key, as orchestrators expect.
-_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+# Health checks are answered without a key, as orchestrators expect; reflection is the API's schema.
+_OPEN_METHOD_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 
 def load_api_keys(env_value: str | None, key_file: str | None) -> list[str]:

@@ -59,6 +59,7 @@ class CheckedRequest:
 
     messages: list[dict[str, Any]]
     max_tokens: int | None
+    max_tokens_param: str
     stop: list[str]
     sampling: SamplingParams
     include_usage: bool
@@ -144,15 +145,13 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
         top_logprobs = request.top_logprobs
 
     max_tokens = None
-    for name in ("max_tokens", "max_completion_tokens"):
+    max_tokens_param = "max_tokens"
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are set
         if request.HasField(name):
             value = getattr(request, name)
             if value < 1:
                 raise InvalidArgument(name, f"'{name}' must be at least 1, got {value}.")
-    if request.HasField("max_completion_tokens"):
-        max_tokens = request.max_completion_tokens
-    elif request.HasField("max_tokens"):
-        max_tokens = request.max_tokens
+            max_tokens, max_tokens_param = value, name
 
     if request.HasField("n") and request.n != 1:
         if request.n < 1:
@@ -205,7 +204,7 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
-    return CheckedRequest(messages=messages, max_tokens=max_tokens, stop=stop, sampling=sampling, include_usage=include_usage)
+    return CheckedRequest(messages=messages, max_tokens=max_tokens, max_tokens_param=max_tokens_param, stop=stop, sampling=sampling, include_usage=include_usage)
 
 
 def build_generation(checked: CheckedRequest, model: "LoadedModel") -> Generation:
@@ -223,7 +222,7 @@ def build_generation(checked: CheckedRequest, model: "LoadedModel") -> Generatio
     room = context - len(prompt_tokens)
     if checked.max_tokens is not None and checked.max_tokens > room:
         raise InvalidArgument(
-            "max_tokens",
+            checked.max_tokens_param,
             f"This model's maximum context length is {context} tokens. However, you requested "
             f"{len(prompt_tokens) + checked.max_tokens} tokens ({len(prompt_tokens)} in the messages, "
             f"{checked.max_tokens} in the completion).",

@@ -1,0 +1,31 @@
+import pytest
+
+from service.auth import ApiKeyChecker, load_api_keys
+from service.server import InsecureBindError, check_bind_is_safe
+
+
+def test_keys_from_env_and_file(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text("# comment\nfile-key\n\n")
+    assert load_api_keys("a, b,,", str(key_file)) == ["a", "b", "file-key"]
+
+
+@pytest.mark.parametrize(
+    ("header", "ok"),
+    [("Bearer k1", True), ("bearer k2", True), ("Bearer wrong", False), ("k1", False), ("Basic k1", False), (None, False), ("Bearer ", False)],
+)
+def test_bearer_check(header, ok):
+    assert ApiKeyChecker(["k1", "k2"]).is_valid(header) is ok
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_open_server_may_bind_loopback(host):
+    check_bind_is_safe(host, [], insecure=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "example.com"])
+def test_open_server_refuses_other_addresses_unless_insecure(host):
+    with pytest.raises(InsecureBindError):
+        check_bind_is_safe(host, [], insecure=False)
+    check_bind_is_safe(host, [], insecure=True)
+    check_bind_is_safe(host, ["key"], insecure=False)

@@ -1,0 +1,184 @@
+"""The gRPC service end to end on the real model: unary, streaming, health, reflection, errors."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from chatrpc.v1 import chat_pb2, chat_pb2_grpc
+
+MODEL = "gemma-3-270m"
+QUESTION = "What is the capital of France? Answer in one word."
+
+
+def request(**fields) -> chat_pb2.ChatCompletionRequest:
+    fields.setdefault("model", MODEL)
+    fields.setdefault("messages", [chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text=QUESTION)])
+    fields.setdefault("max_tokens", 24)
+    return chat_pb2.ChatCompletionRequest(**fields)
+
+
+@pytest.fixture(scope="module")
+def stub(grpc_channel):
+    return chat_pb2_grpc.ChatCompletionsStub(grpc_channel)
+
+
+def test_unary_completion(stub, auth_metadata):
+    response = stub.CreateChatCompletion(request(temperature=0), metadata=auth_metadata, timeout=60)
+    assert response.id.startswith("chatcmpl-")
+    assert response.object == "chat.completion"
+    assert response.model == MODEL
+    assert response.system_fingerprint.startswith("fp_")
+    (choice,) = response.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason in (chat_pb2.FINISH_REASON_STOP, chat_pb2.FINISH_REASON_LENGTH)
+    assert not choice.HasField("logprobs")
+    usage = response.usage
+    assert usage.prompt_tokens > 5 and 0 < usage.completion_tokens <= 24
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_stream_matches_unary_and_reports_usage(stub, auth_metadata):
+    unary = stub.CreateChatCompletion(request(temperature=0), metadata=auth_metadata, timeout=60)
+    chunks = list(
+        stub.StreamChatCompletion(
+            request(temperature=0, stream_options=chat_pb2.StreamOptions(include_usage=True)), metadata=auth_metadata, timeout=60
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content for c in chunks if c.choices)
+    assert text == unary.choices[0].message.content
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == unary.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == unary.usage
+    assert not any(c.HasField("usage") for c in chunks[:-1])
+
+
+def test_same_seed_same_text(stub, auth_metadata):
+    texts = {
+        stub.CreateChatCompletion(request(temperature=1.0, seed=1234, max_tokens=30), metadata=auth_metadata, timeout=60)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    }
+    assert len(texts) == 1
+
+
+def test_temperature_zero_equals_llama_cpp_greedy(stub, auth_metadata, server):
+    """The server's greedy tokens are llama.cpp's own greedy decoding of the same prompt tokens."""
+    import llama_cpp
+
+    from service.chat_template import ChatTemplate
+    from service.models import embedded_model_path
+    from tests.conftest import CTX_SIZE
+
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    llama = llama_cpp.Llama(str(embedded_model_path()), n_ctx=CTX_SIZE, flash_attn=True, verbose=False)
+    prompt = ChatTemplate.for_model(None, "gemma3", bos_token="<bos>", eos_token="<eos>").render(messages)
+    prompt_tokens = llama.tokenize(prompt.encode(), add_bos=False, special=True)
+    expected = []
+    for token in llama.generate(prompt_tokens, temp=0.0):
+        if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llama.model), token) or len(expected) == 40:
+            break
+        expected.append(token)
+    expected_text = llama.detokenize(expected).decode()
+
+    response = stub.CreateChatCompletion(
+        request(messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text=messages[0]["content"])], temperature=0, max_tokens=40),
+        metadata=auth_metadata,
+        timeout=60,
+    )
+    assert response.usage.prompt_tokens == len(prompt_tokens)
+    assert response.choices[0].message.content == expected_text
+
+
+def test_logprobs_follow_tokens(stub, auth_metadata):
+    response = stub.CreateChatCompletion(request(temperature=0, logprobs=True, top_logprobs=5), metadata=auth_metadata, timeout=60)
+    choice = response.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) >= 1
+    assert b"".join(e.bytes for e in entries).decode() == choice.message.content
+    for entry in entries:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 5
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+
+
+def test_list_models(stub, auth_metadata):
+    models = stub.ListModels(chat_pb2.ListModelsRequest(), metadata=auth_metadata, timeout=10)
+    assert models.object == "list"
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_health_needs_no_key(grpc_channel):
+    health = health_pb2_grpc.HealthStub(grpc_channel)
+    for service in ("", "chatrpc.v1.ChatCompletions"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_and_describes_the_service(grpc_channel):
+    database = ProtoReflectionDescriptorDatabase(grpc_channel)
+    services = set(database.get_services())
+    assert {"chatrpc.v1.ChatCompletions", "grpc.health.v1.Health"} <= services
+    file_descriptor = database.FindFileContainingSymbol("chatrpc.v1.ChatCompletions")
+    assert file_descriptor.package == "chatrpc.v1"
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-key"),), (("authorization", "test-key-0123456789"),)])
+def test_missing_or_wrong_key_is_unauthenticated(stub, metadata):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.CreateChatCompletion(request(), metadata=metadata, timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.StreamChatCompletion(request(), metadata=metadata, timeout=10))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_unknown_model_is_not_found(stub, auth_metadata):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.CreateChatCompletion(request(model="no-such-model"), metadata=auth_metadata, timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-model" in error.value.details()
+
+
+def _param(error: grpc.RpcError) -> str | None:
+    return dict(error.trailing_metadata() or ()).get("error-param")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"n": 2}, "n"),
+        ({"logit_bias": {10**9: 1.0}}, "logit_bias"),
+        ({"stream": True}, "stream"),
+        ({"messages": []}, "messages"),
+        ({"max_tokens": 100000}, "max_tokens"),
+        ({"tools": [chat_pb2.Tool(type="function", function=chat_pb2.FunctionDefinition(name="f"))]}, "tools"),
+        ({"response_format": chat_pb2.ResponseFormat(type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT)}, "response_format"),
+    ],
+)
+def test_invalid_argument_names_the_parameter(stub, auth_metadata, fields, param):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.CreateChatCompletion(request(**fields), metadata=auth_metadata, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _param(error.value) == param
+    assert error.value.details()
+
+
+def test_deadline_stops_generation_and_server_keeps_serving(stub, auth_metadata):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.CreateChatCompletion(
+            request(max_tokens=1500, logit_bias={1: -100.0, 106: -100.0}), metadata=auth_metadata, timeout=1.0
+        )
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    response = stub.CreateChatCompletion(request(temperature=0, max_tokens=5), metadata=auth_metadata, timeout=60)
+    assert response.choices[0].message.content
