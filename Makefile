@@ -1,0 +1,48 @@
+# Two commands for a fresh machine: `make serve` and `make test`. Both create .venv and install
+# everything into it (the Rust extension is built by maturin through pip).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+RUST_SOURCES := $(shell find sampler_ext/src -name '*.rs') sampler_ext/Cargo.toml Cargo.toml Cargo.lock
+PROTO := protos/chatrpc/v1/chat.proto
+
+.PHONY: setup serve test test-rust test-python proto proto-check clean
+
+setup: $(INSTALLED)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+# Editable install: service/, adapters/ and chatrpc/ are used from the checkout; sampler_ext is built.
+$(INSTALLED): $(PY) pyproject.toml $(RUST_SOURCES)
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+serve: setup
+	$(VENV)/bin/chatrpc serve
+
+test: setup proto-check test-rust test-python
+
+test-rust:
+	cargo test --release
+
+test-python: setup
+	$(PY) -m pytest
+
+# Regenerate the committed stubs in chatrpc/v1 from the .proto.
+proto: setup
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+
+# Fails when the committed stubs are not what the .proto generates.
+proto-check: setup
+	@scratch=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$$scratch --pyi_out=$$scratch --grpc_python_out=$$scratch $(PROTO) && \
+	for f in chat_pb2.py chat_pb2.pyi chat_pb2_grpc.py; do \
+		diff -q $$scratch/chatrpc/v1/$$f chatrpc/v1/$$f >/dev/null || { echo "chatrpc/v1/$$f is stale: run 'make proto'"; rm -rf $$scratch; exit 1; }; \
+	done; rm -rf $$scratch; echo "generated stubs match $(PROTO)"
+
+clean:
+	rm -rf $(VENV) target
