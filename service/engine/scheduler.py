@@ -49,8 +49,7 @@ class SequenceStream:
     def cancel(self) -> None:
         """Stop generating; the scheduler frees the sequence at its next step."""
         if self.sequence is not None and not self.sequence.finished:
-            self.sequence.cancelled = True
-            self._scheduler.wake()
+            self._scheduler.cancel(self.sequence)
 
 
 class Scheduler:
@@ -103,9 +102,14 @@ class Scheduler:
             self._condition.notify()
         return stream
 
-    def wake(self) -> None:
+    def cancel(self, sequence: Sequence) -> None:
+        """A waiting request leaves the queue at once; an active one at the scheduler's next step."""
         with self._condition:
-            self._condition.notify()
+            sequence.cancelled = True
+            try:
+                self._waiting.remove(sequence)
+            except ValueError:
+                self._condition.notify()
 
     def close(self) -> None:
         with self._condition:
@@ -141,8 +145,6 @@ class Scheduler:
     def _admit(self) -> None:
         while self._waiting and self._free_slots:
             sequence = self._waiting.popleft()
-            if sequence.cancelled:
-                continue
             sequence.seq_id = self._free_slots.pop()
             self._active.append(sequence)
 
