@@ -29,7 +29,9 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         action="append",
         default=[],
         metavar="ID=PATH",
-        help="serve the GGUF file PATH as model ID; repeatable. The embedded gemma-3-270m is served too unless --no-default-model",
+        help="serve the GGUF file PATH as model ID; repeatable. PATH '@embedded' is the embedded GGUF. Append ',tools=off' "
+        "and/or ',json=off' to refuse tools or JSON response formats on that model. The embedded gemma-3-270m is "
+        "served too unless --no-default-model",
     )
     group.add_argument("--no-default-model", action="store_true", help="do not serve the embedded gemma-3-270m")
     group.add_argument(
@@ -45,8 +47,9 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "--prefill-chunk",
         type=int,
         default=256,
-        help="most prompt tokens prefilled per step while other sequences decode (default: %(default)s)",
+        help="prompt tokens per prefill chunk; one chunk per step while other sequences decode (default: %(default)s)",
     )
+    group.add_argument("--max-n", type=int, default=8, help="the largest 'n' (choices per request) accepted (default: %(default)s)")
     group.add_argument("--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores)")
     group.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
@@ -103,6 +106,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:  # noqa: ANN001
         prefill_chunk=args.prefill_chunk,
         max_waiting=args.max_waiting,
         threads=args.threads,
+        max_choices=args.max_n,
     )
     registry = ModelRegistry(specs, settings)
     config = GrpcServerConfig(

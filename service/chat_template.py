@@ -63,6 +63,8 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(source)
         self.source = source
+        # A template that mentions `tools` renders them itself; the others get chatrpc's format.
+        self.knows_tools = "tools" in source
         self._bos_token = bos_token
         self._eos_token = eos_token
 
@@ -76,10 +78,13 @@ class ChatTemplate:
             )
         return cls(source, bos_token=bos_token, eos_token=eos_token)
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True
+    ) -> str:
         try:
             return self._template.render(
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_token,
                 eos_token=self._eos_token,

@@ -9,9 +9,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.engine.grammar import GrammarCompiler
 from service.engine.model import LoadedModel
 from service.engine.scheduler import Scheduler
 from service.errors import ModelNotFound
+from service.request import Capabilities
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +35,36 @@ def embedded_model_path() -> Path:
     return target
 
 
+EMBEDDED_PATH = "@embedded"
+_SWITCHES = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to serve: its id in requests and its GGUF file (None: the embedded default)."""
+    """A model to serve: its id in requests, its GGUF file (None: the embedded default) and what it supports."""
 
     model_id: str
     path: Path | None = None
+    capabilities: Capabilities = Capabilities()
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":
-        """`ID=PATH`, as given to --model."""
-        model_id, sep, path = text.partition("=")
-        if not sep or not model_id or not path:
-            raise ValueError(f"--model takes ID=PATH, got {text!r}")
-        return cls(model_id.strip(), Path(path).expanduser())
+        """`ID=PATH[,tools=off][,json=off]`, as given to --model; PATH `@embedded` is the embedded GGUF."""
+        model_id, sep, rest = text.partition("=")
+        path, *options = rest.split(",")
+        if not sep or not model_id.strip() or not path:
+            raise ValueError(f"--model takes ID=PATH[,tools=on|off][,json=on|off], got {text!r}")
+        switches = {}
+        for option in options:
+            key, _, value = option.partition("=")
+            if key not in ("tools", "json") or value.lower() not in _SWITCHES:
+                raise ValueError(f"--model option {option!r} is not tools=on|off or json=on|off")
+            switches[key] = _SWITCHES[value.lower()]
+        return cls(
+            model_id.strip(),
+            None if path == EMBEDDED_PATH else Path(path).expanduser(),
+            Capabilities(**switches),
+        )
 
     def resolve_path(self) -> Path:
         return self.path if self.path is not None else embedded_model_path()
@@ -58,6 +76,8 @@ class ServedModel:
 
     model: LoadedModel
     scheduler: Scheduler
+    capabilities: Capabilities
+    grammars: GrammarCompiler
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "chatrpc"
 
@@ -72,12 +92,14 @@ class EngineSettings:
     prefill_chunk: int = 256
     max_waiting: int = 256
     threads: int | None = None
+    max_choices: int = 8
 
 
 class ModelRegistry:
     """Loads every model at start and finds them by id."""
 
     def __init__(self, specs: list[ModelSpec], settings: EngineSettings) -> None:
+        self.settings = settings
         self._served: dict[str, ServedModel] = {}
         for spec in specs:
             if spec.model_id in self._served:
@@ -92,8 +114,9 @@ class ModelRegistry:
                 batch_size=settings.batch_size,
                 threads=settings.threads,
             )
-            scheduler = Scheduler(model, max_waiting=settings.max_waiting, prefill_chunk=settings.prefill_chunk)
-            self._served[spec.model_id] = ServedModel(model, scheduler)
+            grammars = GrammarCompiler(model.vocab, model.vocab_size)
+            scheduler = Scheduler(model, grammars, max_waiting=settings.max_waiting, prefill_chunk=settings.prefill_chunk)
+            self._served[spec.model_id] = ServedModel(model, scheduler, spec.capabilities, grammars)
 
     def get(self, model_id: str) -> ServedModel:
         served = self._served.get(model_id)

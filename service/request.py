@@ -8,17 +8,23 @@ ones that need its tokenizer and context size (`build_generation`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from google.protobuf import json_format
+
 from chatrpc.v1 import chat_pb2
 from service.errors import InvalidArgument
+from service.tool_calls import ToolSpec, check_tool, forced_call_schema
 
 if TYPE_CHECKING:
+    from service.engine.grammar import GrammarCompiler
     from service.engine.model import LoadedModel
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
+DEFAULT_MAX_CHOICES = 8
 
 _ROLE_NAMES = {
     chat_pb2.ROLE_SYSTEM: "system",
@@ -51,6 +57,8 @@ class Generation:
     max_new_tokens: int
     stop: list[str]
     sampling: SamplingParams
+    n: int = 1
+    grammar: str | None = None  # llguidance grammar the output must follow
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,16 @@ class CheckedRequest:
     stop: list[str]
     sampling: SamplingParams
     include_usage: bool
+    n: int = 1
+    json_schema: dict[str, Any] | None = None  # from response_format json_object / json_schema
+    tools: list[ToolSpec] = field(default_factory=list)
+    tool_choice: str = "none"  # none, auto, required or function
+    tool_name: str | None = None  # the function named by tool_choice
+    parallel_tool_calls: bool = True
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice in ("required", "function")
 
 
 def _check_range(param: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -77,6 +95,8 @@ def _message_text(index: int, message: chat_pb2.ChatMessage) -> str | None:
     if kind == "text":
         return message.text
     if kind == "parts":
+        if not message.parts.parts:
+            raise InvalidArgument(f"messages[{index}].content", "Content given as a list needs at least one part.")
         texts = []
         for j, part in enumerate(message.parts.parts):
             which = part.WhichOneof("part")
@@ -95,7 +115,23 @@ def _message_text(index: int, message: chat_pb2.ChatMessage) -> str | None:
     return None
 
 
+def struct_to_python(struct) -> dict[str, Any]:  # noqa: ANN001 - google.protobuf.Struct
+    """A Struct as plain Python; whole numbers come back as ints (Struct stores every number as a double)."""
+
+    def restore(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json_format.MessageToDict(struct))
+
+
 def check_messages(messages) -> list[dict[str, Any]]:  # noqa: ANN001 - a repeated proto field
+    """The messages as the chat template takes them (OpenAI's shape, content as text)."""
     if not messages:
         raise InvalidArgument("messages", "'messages' must hold at least one message.")
     rendered = []
@@ -103,24 +139,90 @@ def check_messages(messages) -> list[dict[str, Any]]:  # noqa: ANN001 - a repeat
         role = _ROLE_NAMES.get(message.role)
         if role is None:
             raise InvalidArgument(f"messages[{i}].role", "Each message needs a role: system, developer, user, assistant or tool.")
-        if role == "tool" or message.HasField("tool_call_id"):
-            raise InvalidArgument(f"messages[{i}].role", "Tool messages are not supported yet: tools are not supported by this server.")
-        if message.tool_calls:
-            raise InvalidArgument(f"messages[{i}].tool_calls", "Tool calls are not supported yet by this server.")
+        if message.tool_calls and role != "assistant":
+            raise InvalidArgument(f"messages[{i}].tool_calls", "Only assistant messages carry tool_calls.")
         text = _message_text(i, message)
-        if text is None:
-            if role == "assistant" and message.HasField("refusal"):
-                text = message.refusal
-            else:
-                raise InvalidArgument(f"messages[{i}].content", f"A {role} message needs content.")
+        if text is None and role == "assistant" and message.HasField("refusal"):
+            text = message.refusal
+        if text is None and not (role == "assistant" and message.tool_calls):
+            raise InvalidArgument(f"messages[{i}].content", f"A {role} message needs content.")
         entry: dict[str, Any] = {"role": role, "content": text}
         if message.HasField("name"):
             entry["name"] = message.name
+        if role == "tool":
+            if not message.tool_call_id:
+                raise InvalidArgument(f"messages[{i}].tool_call_id", "A tool message needs the 'tool_call_id' it answers.")
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            calls = []
+            for j, call in enumerate(message.tool_calls):
+                if not call.id or not call.function.name:
+                    raise InvalidArgument(f"messages[{i}].tool_calls[{j}]", "A tool call needs an id and a function name.")
+                calls.append({"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}})
+            entry["tool_calls"] = calls
         rendered.append(entry)
     return rendered
 
 
-def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool) -> CheckedRequest:
+def check_response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema the output must follow, or None for free text."""
+    if not request.HasField("response_format"):
+        return None
+    response_format = request.response_format
+    if response_format.type == chat_pb2.RESPONSE_FORMAT_TYPE_TEXT:
+        return None
+    if response_format.type == chat_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+        return {"type": "object"}
+    if response_format.type == chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        spec = response_format.json_schema
+        if not response_format.HasField("json_schema") or not spec.name:
+            raise InvalidArgument("response_format.json_schema.name", "'response_format' of type 'json_schema' needs json_schema.name.")
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", spec.name):
+            raise InvalidArgument("response_format.json_schema.name", f"Invalid schema name {spec.name!r}: use 1 to 64 letters, digits, underscores or dashes.")
+        return struct_to_python(spec.schema) if spec.HasField("schema") else {}
+    raise InvalidArgument("response_format", "'response_format' needs a type: text, json_object or json_schema.")
+
+
+def check_tools(request: chat_pb2.ChatCompletionRequest) -> tuple[list[ToolSpec], str, str | None, bool]:
+    """(tools, tool_choice mode, named function, parallel_tool_calls)."""
+    tools = []
+    for i, tool in enumerate(request.tools):
+        if tool.type != "function":
+            raise InvalidArgument(f"tools[{i}].type", f"Only tools of type 'function' are supported, got {tool.type!r}.")
+        function = tool.function
+        parameters = struct_to_python(function.parameters) if function.HasField("parameters") else None
+        tools.append(check_tool(i, function.name, function.description if function.HasField("description") else None, parameters))
+    names = [tool.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("tools", "Function names in 'tools' must be unique.")
+
+    mode, name = ("auto" if tools else "none"), None
+    if request.HasField("tool_choice"):
+        choice = request.tool_choice
+        which = choice.WhichOneof("choice")
+        if which == "function_name":
+            mode, name = "function", choice.function_name
+            if name not in names:
+                raise InvalidArgument("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'.")
+        elif choice.mode == chat_pb2.TOOL_CHOICE_MODE_NONE:
+            mode = "none"
+        elif choice.mode in (chat_pb2.TOOL_CHOICE_MODE_AUTO, chat_pb2.TOOL_CHOICE_MODE_REQUIRED):
+            if not tools:
+                raise InvalidArgument("tool_choice", "'tool_choice' is only allowed when 'tools' are given.")
+            mode = "auto" if choice.mode == chat_pb2.TOOL_CHOICE_MODE_AUTO else "required"
+        else:
+            raise InvalidArgument("tool_choice", "'tool_choice' must be none, auto, required or a named function.")
+    parallel = True
+    if request.HasField("parallel_tool_calls"):
+        if not tools:
+            raise InvalidArgument("parallel_tool_calls", "'parallel_tool_calls' is only allowed when 'tools' are given.")
+        parallel = request.parallel_tool_calls
+    return tools, mode, name, parallel
+
+
+def check_parameters(
+    request: chat_pb2.ChatCompletionRequest, *, streaming: bool, max_choices: int = DEFAULT_MAX_CHOICES
+) -> CheckedRequest:
     """All checks that need no model, in the order the spec lists the fields."""
     messages = check_messages(request.messages)
 
@@ -153,15 +255,11 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
                 raise InvalidArgument(name, f"'{name}' must be at least 1, got {value}.")
             max_tokens, max_tokens_param = value, name
 
-    if request.HasField("n") and request.n != 1:
-        if request.n < 1:
-            raise InvalidArgument("n", f"'n' must be at least 1, got {request.n}.")
-        raise InvalidArgument("n", "'n' greater than 1 is not supported yet by this server.")
+    n = request.n if request.HasField("n") else 1
+    if not 1 <= n <= max_choices:
+        raise InvalidArgument("n", f"'n' must be in [1, {max_choices}], got {n}.")
 
-    if request.HasField("response_format") and request.response_format.type != chat_pb2.RESPONSE_FORMAT_TYPE_TEXT:
-        if request.response_format.type == chat_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED:
-            raise InvalidArgument("response_format", "'response_format' needs a type.")
-        raise InvalidArgument("response_format", "Only 'response_format' of type 'text' is supported yet by this server.")
+    json_schema = check_response_format(request)
 
     seed = request.seed if request.HasField("seed") else None
 
@@ -183,12 +281,9 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
     if request.HasField("temperature"):
         temperature = _check_range("temperature", request.temperature, 0.0, 2.0)
 
-    if request.HasField("tool_choice") and request.tool_choice.mode != chat_pb2.TOOL_CHOICE_MODE_NONE:
-        raise InvalidArgument("tool_choice", "'tool_choice' is not supported yet by this server (only 'none').")
-    if request.tools:
-        raise InvalidArgument("tools", "'tools' are not supported yet by this server.")
-    if request.HasField("parallel_tool_calls"):
-        raise InvalidArgument("parallel_tool_calls", "'parallel_tool_calls' is only allowed when 'tools' are given.")
+    tools, tool_choice, tool_name, parallel_tool_calls = check_tools(request)
+    if json_schema is not None and tool_choice == "auto":
+        raise InvalidArgument("response_format", "A JSON 'response_format' cannot be combined with tool_choice 'auto'.")
 
     top_p = 1.0
     if request.HasField("top_p"):
@@ -204,15 +299,49 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
-    return CheckedRequest(messages=messages, max_tokens=max_tokens, max_tokens_param=max_tokens_param, stop=stop, sampling=sampling, include_usage=include_usage)
+    return CheckedRequest(
+        messages=messages,
+        max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
+        stop=stop,
+        sampling=sampling,
+        include_usage=include_usage,
+        n=n,
+        json_schema=json_schema,
+        tools=tools,
+        tool_choice=tool_choice,
+        tool_name=tool_name,
+        parallel_tool_calls=parallel_tool_calls,
+    )
 
 
-def build_generation(checked: CheckedRequest, model: "LoadedModel") -> Generation:
-    """The checks that need the model: token ids in its vocabulary, prompt and budget in its context."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a served model supports beyond plain text."""
+
+    tools: bool = True
+    json: bool = True
+
+
+def build_generation(
+    checked: CheckedRequest, model: "LoadedModel", capabilities: Capabilities, grammars: "GrammarCompiler"
+) -> Generation:
+    """The checks that need the model: its capabilities, token ids in its vocabulary, prompt and budget
+    in its context, and the grammar the output must follow."""
+    if checked.json_schema is not None and not capabilities.json:
+        raise InvalidArgument("response_format", f"The model '{model.model_id}' does not support JSON response formats.")
+    if checked.tools and not capabilities.tools:
+        raise InvalidArgument("tools", f"The model '{model.model_id}' does not support tools.")
     for token in checked.sampling.logit_bias:
         if not 0 <= token < model.vocab_size:
             raise InvalidArgument("logit_bias", f"Token id {token} in 'logit_bias' is not in the vocabulary [0, {model.vocab_size}).")
-    prompt_tokens = model.render_prompt(checked.messages)
+    grammar = None
+    if checked.forces_tool_call:
+        schema = forced_call_schema(checked.tools, only=checked.tool_name, parallel=checked.parallel_tool_calls)
+        grammar = grammars.from_json_schema(schema, param="tools")
+    elif checked.json_schema is not None:
+        grammar = grammars.from_json_schema(checked.json_schema, param="response_format")
+    prompt_tokens = model.render_prompt(checked.messages, checked.tools if checked.tool_choice != "none" else [])
     context = model.context_per_sequence
     if len(prompt_tokens) >= context:
         raise InvalidArgument(
@@ -232,4 +361,6 @@ def build_generation(checked: CheckedRequest, model: "LoadedModel") -> Generatio
         max_new_tokens=checked.max_tokens if checked.max_tokens is not None else room,
         stop=checked.stop,
         sampling=checked.sampling,
+        n=checked.n,
+        grammar=grammar,
     )

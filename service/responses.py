@@ -7,11 +7,14 @@ import uuid
 from dataclasses import dataclass
 
 from chatrpc.v1 import chat_pb2
+from service.choice_output import ChoiceOutput
 from service.engine.sequence import TokenLogprob
+from service.tool_calls import ParsedCall
 
 FINISH_REASONS = {
     "stop": chat_pb2.FINISH_REASON_STOP,
     "length": chat_pb2.FINISH_REASON_LENGTH,
+    "tool_calls": chat_pb2.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -50,28 +53,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> chat_pb2.Usage:
 
 
 def completion(
-    header: CompletionHeader,
-    *,
-    text: str,
-    finish_reason: str,
-    logprobs: list[TokenLogprob] | None,
-    prompt_tokens: int,
-    completion_tokens: int,
+    header: CompletionHeader, outputs: list[ChoiceOutput], *, prompt_tokens: int, with_logprobs: bool
 ) -> chat_pb2.ChatCompletion:
-    choice = chat_pb2.Choice(
-        index=0,
-        message=chat_pb2.ResponseMessage(role="assistant", content=text),
-        finish_reason=FINISH_REASONS[finish_reason],
-    )
-    if logprobs is not None:
-        choice.logprobs.content.extend(logprob_messages(logprobs))
+    choices = []
+    for output in outputs:
+        choice = chat_pb2.Choice(index=output.index, message=output.message(), finish_reason=FINISH_REASONS[output.finish_reason])
+        if with_logprobs:
+            choice.logprobs.content.extend(logprob_messages(output.logprobs))
+        choices.append(choice)
     return chat_pb2.ChatCompletion(
         id=header.id,
         object="chat.completion",
         created=header.created,
         model=header.model,
-        choices=[choice],
-        usage=usage(prompt_tokens, completion_tokens),
+        choices=choices,
+        usage=usage(prompt_tokens, sum(o.completion_tokens for o in outputs)),
         system_fingerprint=header.system_fingerprint,
         service_tier="default",
     )
@@ -79,14 +75,20 @@ def completion(
 
 def chunk(
     header: CompletionHeader,
+    index: int,
     *,
     role: bool = False,
     text: str | None = None,
     finish_reason: str | None = None,
     logprobs: list[TokenLogprob] | None = None,
+    tool_calls: list[ParsedCall] | None = None,
 ) -> chat_pb2.ChatCompletionChunk:
     delta = chat_pb2.Delta(role="assistant" if role else None, content=text)
-    choice = chat_pb2.ChunkChoice(index=0, delta=delta)
+    for position, call in enumerate(tool_calls or ()):
+        delta.tool_calls.add(
+            index=position, id=call.id, type="function", function=chat_pb2.FunctionCallDelta(name=call.name, arguments=call.arguments)
+        )
+    choice = chat_pb2.ChunkChoice(index=index, delta=delta)
     if finish_reason is not None:
         choice.finish_reason = FINISH_REASONS[finish_reason]
     if logprobs is not None:

@@ -15,6 +15,7 @@ import grpc
 
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 from service import responses
+from service.choice_output import ChoiceOutput
 from service.errors import ServiceError, abort_with
 from service.models import ModelRegistry
 from service.request import build_generation, check_parameters
@@ -58,54 +59,47 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         self._registry = registry
 
     def _start(self, request: chat_pb2.ChatCompletionRequest, *, streaming: bool):  # noqa: ANN202
-        checked = check_parameters(request, streaming=streaming)
+        checked = check_parameters(request, streaming=streaming, max_choices=self._registry.settings.max_choices)
         served = self._registry.get(request.model)
-        generation = build_generation(checked, served.model)
+        generation = build_generation(checked, served.model, served.capabilities, served.grammars)
         stream = served.scheduler.submit(generation)
         header = responses.CompletionHeader.new(request.model, served.model.system_fingerprint)
-        return checked, generation, stream, header
+        outputs = [ChoiceOutput(index, checked) for index in range(checked.n)]
+        return checked, generation, stream, header, outputs
 
     @_errors_to_status
     async def CreateChatCompletion(self, request, context):  # noqa: ANN001, N802 - gRPC method name
-        checked, generation, stream, header = self._start(request, streaming=False)
-        texts: list[str] = []
-        logprobs = [] if checked.sampling.logprobs else None
+        checked, generation, stream, header, outputs = self._start(request, streaming=False)
         try:
             async for update in stream.updates():
                 if update.error is not None:
                     raise _failure(update.error)
-                texts.append(update.text)
-                if logprobs is not None and update.logprobs:
-                    logprobs.extend(update.logprobs)
-                if update.finish_reason is not None:
-                    return responses.completion(
-                        header,
-                        text="".join(texts),
-                        finish_reason=update.finish_reason,
-                        logprobs=logprobs,
-                        prompt_tokens=len(generation.prompt_tokens),
-                        completion_tokens=update.completion_tokens,
-                    )
+                outputs[update.index].add(update)
         finally:
             stream.cancel()
-        raise GenerationFailed("generation ended without a finish reason")
+        return responses.completion(
+            header, outputs, prompt_tokens=len(generation.prompt_tokens), with_logprobs=checked.sampling.logprobs
+        )
 
     @_errors_to_status
     async def StreamChatCompletion(self, request, context):  # noqa: ANN001, N802
-        checked, generation, stream, header = self._start(request, streaming=True)
+        checked, generation, stream, header, outputs = self._start(request, streaming=True)
         want_logprobs = checked.sampling.logprobs
         try:
-            yield responses.chunk(header, role=True, text="")
+            for output in outputs:
+                yield responses.chunk(header, output.index, role=True, text="")
             async for update in stream.updates():
                 if update.error is not None:
                     raise _failure(update.error)
-                if update.text or (want_logprobs and update.logprobs):
-                    yield responses.chunk(header, text=update.text, logprobs=update.logprobs if want_logprobs else None)
-                if update.finish_reason is not None:
-                    yield responses.chunk(header, finish_reason=update.finish_reason)
-                    if checked.include_usage:
-                        yield responses.usage_chunk(header, len(generation.prompt_tokens), update.completion_tokens)
-                    return
+                piece = outputs[update.index].add(update)
+                logprobs = piece.logprobs if want_logprobs else None
+                if piece.text or piece.tool_calls or logprobs:
+                    yield responses.chunk(header, update.index, text=piece.text or None, tool_calls=piece.tool_calls, logprobs=logprobs)
+                if piece.finish_reason is not None:
+                    yield responses.chunk(header, update.index, finish_reason=piece.finish_reason)
+            if checked.include_usage:
+                completion_tokens = sum(o.completion_tokens for o in outputs)
+                yield responses.usage_chunk(header, len(generation.prompt_tokens), completion_tokens)
         finally:
             stream.cancel()
 
@@ -113,7 +107,15 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         return chat_pb2.ModelList(
             object="list",
             data=[
-                chat_pb2.Model(id=model_id, object="model", created=served.created, owned_by=served.owned_by)
+                chat_pb2.Model(
+                    id=model_id,
+                    object="model",
+                    created=served.created,
+                    owned_by=served.owned_by,
+                    capabilities=chat_pb2.ModelCapabilities(
+                        tools=served.capabilities.tools, json_object=served.capabilities.json, json_schema=served.capabilities.json
+                    ),
+                )
                 for model_id, served in self._registry.all()
             ],
         )

@@ -23,6 +23,8 @@ API_KEY = "test-key-0123456789"
 PARALLEL = 4
 CTX_SIZE = 2048
 MODEL_ID = "gemma-3-270m"
+# The same weights served a second time with tools and JSON modes switched off, to test refusals.
+PLAIN_MODEL_ID = "gemma-3-270m-plain"
 
 
 def free_port() -> int:
@@ -55,6 +57,7 @@ def start_server(tmp_dir: Path, *, extra_args: tuple[str, ...] = (), env_keys: s
         sys.executable, "-m", "chatrpc", "serve",
         "--grpc-port", str(grpc_port), "--port", str(rest_port),
         "--parallel", str(PARALLEL), "--ctx-size", str(CTX_SIZE), "--log-level", "warning",
+        "--model", f"{PLAIN_MODEL_ID}=@embedded,tools=off,json=off",
         *extra_args,
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)

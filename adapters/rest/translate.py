@@ -633,12 +633,18 @@ def chunk_to_json(chunk: pb.ChatCompletionChunk, include_usage: bool) -> dict:
 
 
 def model_to_json(model: pb.Model) -> dict:
-    """A ``Model`` as the API's ``model`` object."""
+    """A ``Model`` as the API's ``model`` object, with chatrpc's ``capabilities`` beside OpenAI's fields."""
+    capabilities = model.capabilities
     return {
         "id": model.id,
         "object": model.object or "model",
         "created": model.created,
         "owned_by": model.owned_by,
+        "capabilities": {
+            "tools": capabilities.tools,
+            "json_object": capabilities.json_object,
+            "json_schema": capabilities.json_schema,
+        },
     }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import llama_cpp
 
 from service.chat_template import ChatTemplate
+from service.tool_calls import ToolSpec, messages_for_builtin_format
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ class LoadedModel:
         self.batch_size = batch_size
 
         model_params = llama_cpp.llama_model_default_params()
+        # llama.cpp repacks Q4_K weights for a matrix kernel that it uses only from 4 rows on, so a
+        # sequence's logits would depend on how many others share its decode step. Without the
+        # extra buffer types every batch size takes the same path (measured: identical logits up to
+        # 5 rows; a few % slower), and output does not depend on load.
+        model_params.use_extra_bufts = False
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise ModelLoadError(f"llama.cpp could not load {path}")
@@ -159,9 +165,13 @@ class LoadedModel:
             count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
         return list(tokens[:count])
 
-    def render_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The messages through the chat template, then tokenized with special tokens parsed."""
-        prompt = self.template.render(messages, add_generation_prompt=True)
+    def render_prompt(self, messages: list[dict[str, Any]], tools: list[ToolSpec] | None = None) -> list[int]:
+        """The messages (and tools) through the chat template, then tokenized with special tokens parsed."""
+        tools = tools or []
+        if self.template.knows_tools:
+            prompt = self.template.render(messages, tools=[t.as_openai() for t in tools] or None)
+        else:
+            prompt = self.template.render(messages_for_builtin_format(messages, tools))
         tokens = self.tokenize(prompt, add_special=False, parse_special=True)
         bos = llama_cpp.llama_vocab_bos(self.vocab)
         # A template that leaves BOS out relies on the tokenizer to add it, as llama.cpp's server does.

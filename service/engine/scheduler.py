@@ -1,12 +1,14 @@
 """The continuous-batching scheduler: one thread owns the llama context and runs every step.
 
-Each step builds one batch holding the next token of every decoding sequence plus prompt chunks of
-sequences still in prefill, runs one `llama_decode`, and samples every sequence whose logits came
-out. Requests join between steps (as soon as a sequence slot is free) and leave between steps (when
-finished or cancelled, their KV cache is removed at once). Long prompts are prefilled in chunks of
-at most `prefill_chunk` tokens per step so that a newcomer does not stall the sequences already
-decoding. Decode runs on this thread, never on the asyncio loop; results go back to the loop with
-`call_soon_threadsafe`.
+Each step decodes the next token of every decoding sequence in one batch (one `llama_decode`) and
+samples them all in one call to the Rust `BatchSampler`; then it prefills prompt chunks of newcomers,
+each chunk in a decode call of its own. Requests join between steps (as soon as enough sequence
+slots are free) and leave between steps (when finished or cancelled, their KV cache is removed at
+once). Prompts are prefilled in chunks of `prefill_chunk` tokens, at most one chunk per step while
+others decode, so that a newcomer does not stall the sequences already decoding. A request for n
+choices prefills its prompt once, as choice 0, then copies that KV cache to the other n - 1
+sequences, which sample their first token from the same logits. Decode runs on this thread, never on the asyncio loop; results go back
+to the loop with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -23,91 +25,115 @@ import numpy as np
 
 import sampler_ext
 from service.engine.batch import TokenBatch
+from service.engine.grammar import GrammarCompiler
 from service.engine.model import LoadedModel
 from service.engine.sequence import Sequence, SequenceUpdate
-from service.errors import QueueFull
+from service.errors import InvalidArgument, QueueFull
 from service.request import Generation
 
 log = logging.getLogger(__name__)
 
+_MASK64 = (1 << 64) - 1
 
-class SequenceStream:
-    """The asyncio side of one sequence: its updates, and a way to cancel it."""
 
-    def __init__(self, scheduler: "Scheduler", queue: asyncio.Queue) -> None:
+def choice_seed(seed: int, index: int) -> int:
+    """Choice 0 uses the request's seed itself (so n=1 and n>1 agree on it); the others a
+    splitmix64 scramble of (seed, index), so `seed` with `n` reproduces every choice."""
+    if index == 0:
+        return seed & _MASK64
+    z = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class RequestStream:
+    """The asyncio side of one request: the updates of its n choices, and a way to cancel it."""
+
+    def __init__(self, scheduler: "Scheduler", queue: asyncio.Queue, sequences: list[Sequence]) -> None:
         self._scheduler = scheduler
         self._queue = queue
-        self.sequence: Sequence | None = None
+        self.sequences = sequences
 
     async def updates(self) -> AsyncIterator[SequenceUpdate]:
-        while True:
+        """Every choice's updates, interleaved, until all n have finished (or one failed)."""
+        open_choices = len(self.sequences)
+        while open_choices:
             update = await self._queue.get()
             yield update
-            if update.finish_reason is not None or update.error is not None:
+            if update.error is not None:
                 return
+            if update.finish_reason is not None:
+                open_choices -= 1
 
     def cancel(self) -> None:
-        """Stop generating; the scheduler frees the sequence at its next step."""
-        if self.sequence is not None and not self.sequence.finished:
-            self._scheduler.cancel(self.sequence)
+        """Stop generating; the scheduler frees the sequences at its next step."""
+        if not all(s.finished for s in self.sequences):
+            self._scheduler.cancel(self.sequences)
 
 
 class Scheduler:
     """Runs generation for one model; `submit` from the asyncio loop, everything else on its thread."""
 
-    def __init__(self, model: LoadedModel, *, max_waiting: int = 256, prefill_chunk: int = 256) -> None:
+    def __init__(self, model: LoadedModel, grammars: GrammarCompiler, *, max_waiting: int = 256, prefill_chunk: int = 256) -> None:
         self._model = model
+        self._grammars = grammars
         self._max_waiting = max_waiting
-        self._prefill_chunk = prefill_chunk
+        self._prefill_chunk = min(prefill_chunk, model.batch_size)
         self._condition = threading.Condition()
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting: collections.deque[list[Sequence]] = collections.deque()  # requests, as their sequences
         self._active: list[Sequence] = []
         self._free_slots = list(range(model.max_sequences - 1, -1, -1))
         self._batch = TokenBatch(model.batch_size)
+        self._sampler = sampler_ext.BatchSampler(model.vocab_size)
+        # One mask row per possible output row; an unconstrained row is all ones.
+        self._masks = np.full((model.max_sequences, grammars.words), 0xFFFFFFFF, dtype=np.uint32)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model.model_id}", daemon=True)
         self._thread.start()
 
     # ---- asyncio side -------------------------------------------------------------------------
 
-    def submit(self, generation: Generation) -> SequenceStream:
+    def submit(self, generation: Generation) -> RequestStream:
+        if generation.n > self._model.max_sequences:
+            raise InvalidArgument("n", f"'n' may be at most {self._model.max_sequences} on this server (its --parallel).")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[SequenceUpdate] = asyncio.Queue()
-        stream = SequenceStream(self, queue)
-        sampling = generation.sampling
-        sampler = sampler_ext.SequenceSampler(
-            self._model.vocab_size,
-            seed=sampling.seed if sampling.seed is not None else secrets.randbits(64),
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            frequency_penalty=sampling.frequency_penalty,
-            presence_penalty=sampling.presence_penalty,
-            logit_bias=sampling.logit_bias,
-            top_logprobs=sampling.top_logprobs,
-        )
-        sequence = Sequence(
-            generation,
-            sampler=sampler,
-            token_bytes=self._model.token_bytes,
-            is_end_of_generation=self._model.is_end_of_generation,
-            deliver=lambda update: loop.call_soon_threadsafe(queue.put_nowait, update),
-        )
-        stream.sequence = sequence
+        seed = generation.sampling.seed if generation.sampling.seed is not None else secrets.randbits(64)
+
+        def deliver(update: SequenceUpdate) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, update)
+
+        sequences = [
+            Sequence(
+                generation,
+                index=index,
+                seed=choice_seed(seed, index),
+                token_bytes=self._model.token_bytes,
+                is_end_of_generation=self._model.is_end_of_generation,
+                deliver=deliver,
+            )
+            for index in range(generation.n)
+        ]
+        sequences[0].siblings = sequences[1:]
+        for sibling in sequences[1:]:
+            sibling.awaiting_fork = True
         with self._condition:
             if self._stopping:
                 raise QueueFull("The server is shutting down.")
             if len(self._waiting) >= self._max_waiting:
                 raise QueueFull(f"The server is busy: {len(self._waiting)} requests are waiting. Retry later.")
-            self._waiting.append(sequence)
+            self._waiting.append(sequences)
             self._condition.notify()
-        return stream
+        return RequestStream(self, queue, sequences)
 
-    def cancel(self, sequence: Sequence) -> None:
+    def cancel(self, sequences: list[Sequence]) -> None:
         """A waiting request leaves the queue at once; an active one at the scheduler's next step."""
         with self._condition:
-            sequence.cancelled = True
+            for sequence in sequences:
+                sequence.cancelled = True
             try:
-                self._waiting.remove(sequence)
+                self._waiting.remove(sequences)
             except ValueError:
                 self._condition.notify()
 
@@ -116,11 +142,6 @@ class Scheduler:
             self._stopping = True
             self._condition.notify()
         self._thread.join()
-
-    @property
-    def load(self) -> tuple[int, int]:
-        """(active sequences, waiting requests), for logs and health."""
-        return len(self._active), len(self._waiting)
 
     # ---- scheduler thread ---------------------------------------------------------------------
 
@@ -139,72 +160,148 @@ class Scheduler:
                     log.exception("generation step failed; failing its sequences")
                     for sequence in list(self._active):
                         self._fail(sequence, "internal error during generation")
-        for sequence in list(self._active) + list(self._waiting):
+        for sequence in list(self._active) + [s for request in self._waiting for s in request]:
             self._fail(sequence, "the server is shutting down")
 
     def _admit(self) -> None:
-        while self._waiting and self._free_slots:
-            sequence = self._waiting.popleft()
-            sequence.seq_id = self._free_slots.pop()
-            self._active.append(sequence)
+        while self._waiting and len(self._free_slots) >= len(self._waiting[0]):
+            for sequence in self._waiting.popleft():
+                sequence.seq_id = self._free_slots.pop()
+                sampling = sequence.generation.sampling
+                self._sampler.add(
+                    sequence.seq_id,
+                    seed=sequence.seed,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    frequency_penalty=sampling.frequency_penalty,
+                    presence_penalty=sampling.presence_penalty,
+                    logit_bias=sampling.logit_bias,
+                    top_logprobs=sampling.top_logprobs,
+                    logprobs=sampling.logprobs,
+                )
+                if sequence.generation.grammar is not None:
+                    sequence.grammar = self._grammars.matcher(sequence.generation.grammar)
+                self._active.append(sequence)
 
     def _release(self, sequence: Sequence) -> None:
         self._active.remove(sequence)
         llama_cpp.llama_memory_seq_rm(self._model.memory, sequence.seq_id, -1, -1)
+        self._sampler.remove(sequence.seq_id)
         self._free_slots.append(sequence.seq_id)
         sequence.finished = True
 
     def _fail(self, sequence: Sequence, message: str) -> None:
         if sequence in self._active:
             self._release(sequence)
-        sequence.finished = True
-        sequence.deliver(SequenceUpdate(text="", logprobs=None, finish_reason=None, completion_tokens=sequence.generated, error=message))
+        sequence.fail(message)
+        for sibling in sequence.siblings:
+            if sibling.awaiting_fork and not sibling.finished:
+                self._fail(sibling, message)  # they would wait for a prompt that never comes
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Give choice 0's freshly prefilled prompt to its siblings (a KV copy, not a prefill)."""
+        forked = []
+        for sibling in parent.siblings:
+            if sibling.finished or sibling not in self._active:
+                continue
+            llama_cpp.llama_memory_seq_cp(self._model.memory, parent.seq_id, sibling.seq_id, -1, -1)
+            sibling.prefilled = sibling.n_past = parent.prefilled
+            sibling.awaiting_fork = False
+            forked.append(sibling)
+        return forked
 
     def _step(self) -> None:
         for sequence in [s for s in self._active if s.cancelled]:
             self._release(sequence)
-        if not self._active:
-            return
-
-        batch = self._batch
-        batch.clear()
         decoding = [s for s in self._active if not s.in_prefill]
-        for sequence in decoding:
-            batch.add(sequence.seq_id, (sequence.last_token,), sequence.n_past, output_last=True)
-        sampled = list(decoding)  # every sequence whose logits come out, in the order of their rows
-        prefill_budget = min(batch.room, self._prefill_chunk if sampled else batch.room)
-        chunks: list[tuple[Sequence, int]] = []
-        for sequence in self._active:
-            if prefill_budget == 0:
+        if decoding:
+            self._decode(decoding)
+        # Prompt chunks have fixed boundaries and each gets its own llama_decode, never shared with
+        # other sequences' tokens: llama.cpp picks its matrix kernels by batch size, so a sequence's
+        # logits would otherwise depend on what else was in its batch (README, "Determinism").
+        budget = self._prefill_chunk if decoding else self._batch.capacity
+        for sequence in [s for s in self._active if s.in_prefill and not s.awaiting_fork]:
+            if budget <= 0:
                 break
-            if sequence.in_prefill:
-                start = sequence.prefilled
-                count = min(prefill_budget, sequence.prompt_length - start)
-                completes = start + count == sequence.prompt_length
-                batch.add(sequence.seq_id, sequence.generation.prompt_tokens[start : start + count], start, output_last=completes)
-                chunks.append((sequence, count))
-                prefill_budget -= count
-                if completes:
-                    sampled.append(sequence)
+            budget -= self._prefill(sequence)
 
-        status = llama_cpp.llama_decode(self._model.context, batch.finish())
+    def _run_batch(self) -> None:
+        status = llama_cpp.llama_decode(self._model.context, self._batch.finish())
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
 
+    def _logits(self, rows: int) -> np.ndarray:
+        """A zero-copy view of the last decode's output rows."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._model.context), shape=(rows, self._model.vocab_size))
+
+    def _decode(self, decoding: list[Sequence]) -> None:
+        """One token for every decoding sequence, in one batch."""
+        batch = self._batch
+        batch.clear()
+        for sequence in decoding:
+            batch.add(sequence.seq_id, (sequence.last_token,), sequence.n_past, output_last=True)
+        self._run_batch()
         for sequence in decoding:
             sequence.n_past += 1
-        for sequence, count in chunks:
-            sequence.prefilled += count
-            sequence.n_past = sequence.prefilled
+        self._sample(decoding, self._logits(len(decoding)))
 
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._model.context), shape=(len(sampled), self._model.vocab_size))
-        for row, sequence in enumerate(sampled):
+    def _prefill(self, sequence: Sequence) -> int:
+        """The next prompt chunk of one sequence; returns how many tokens it took."""
+        start = sequence.prefilled
+        count = min(self._prefill_chunk, sequence.prompt_length - start)
+        completes = start + count == sequence.prompt_length
+        batch = self._batch
+        batch.clear()
+        batch.add(sequence.seq_id, sequence.generation.prompt_tokens[start : start + count], start, output_last=completes)
+        self._run_batch()
+        sequence.prefilled = sequence.n_past = start + count
+        if completes:
+            rows = [sequence, *self._fork(sequence)]
+            logits = self._logits(1)
+            if len(rows) > 1:
+                logits = np.repeat(logits, len(rows), axis=0)  # forked choices share this row: a copy, once per request
+            self._sample(rows, logits)
+        return count
+
+    def _sample(self, rows: list[Sequence], logits: np.ndarray) -> None:
+        try:
+            drawn = self._draw(rows, logits)
+        except ValueError:
+            # One bad row must not fail the others: sample them one by one to find it.
+            for row, sequence in enumerate(rows):
+                try:
+                    self._emit([sequence], self._draw([sequence], logits[row : row + 1]))
+                except ValueError as error:
+                    self._fail(sequence, f"sampling failed: {error}")
+            return
+        self._emit(rows, drawn)
+
+    def _draw(self, rows: list[Sequence], logits: np.ndarray):  # noqa: ANN202 - the sampler's 4 arrays
+        keys = np.fromiter((s.seq_id for s in rows), dtype=np.int64, count=len(rows))
+        masks = None
+        if any(s.grammar is not None for s in rows):
+            masks = self._masks[: len(rows)]
+            masks.fill(0xFFFFFFFF)
+            for row, sequence in enumerate(rows):
+                if sequence.grammar is not None:
+                    sequence.grammar.fill_mask(masks[row])
+        return self._sampler.sample(logits, keys, masks)
+
+    def _emit(self, rows: list[Sequence], drawn) -> None:  # noqa: ANN001
+        tokens, logprobs, top_ids, top_logprobs = drawn
+        for row, sequence in enumerate(rows):
+            token = int(tokens[row])
             try:
-                token, logprob, top = sequence.sampler.sample(logits[row])
-            except ValueError as error:
-                self._fail(sequence, f"sampling failed: {error}")
+                if sequence.grammar is not None:
+                    sequence.grammar.advance(token)
+            except RuntimeError as error:
+                self._fail(sequence, str(error))
                 continue
-            update = sequence.accept(token, logprob, top)
+            top = []
+            count = sequence.generation.sampling.top_logprobs
+            if count:
+                top = list(zip(top_ids[row, :count].tolist(), top_logprobs[row, :count].tolist()))
+            update = sequence.accept(token, float(logprobs[row]), top)
             sequence.deliver(update)
             if sequence.finished:
                 self._release(sequence)

@@ -42,6 +42,7 @@ class SequenceUpdate:
     finish_reason: str | None
     completion_tokens: int
     error: str | None = None
+    index: int = 0  # the choice this update belongs to
 
 
 class Sequence:
@@ -51,14 +52,19 @@ class Sequence:
         self,
         generation: Generation,
         *,
-        sampler,  # noqa: ANN001 - sampler_ext.SequenceSampler
+        index: int,
+        seed: int,
         token_bytes: Callable[[int], bytes],
         is_end_of_generation: Callable[[int], bool],
         deliver: Callable[[SequenceUpdate], None],
     ) -> None:
         self.generation = generation
-        self.sampler = sampler
+        self.index = index  # which of the request's n choices this is
+        self.seed = seed
         self.deliver = deliver
+        self.siblings: list[Sequence] = []  # the request's other choices, forked from choice 0's prompt
+        self.awaiting_fork = False  # a sibling waits for choice 0's prefill instead of prefilling
+        self.grammar = None  # GrammarMatcher when the output is constrained
         self.seq_id: int = -1
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.n_past = 0  # tokens of this sequence in the KV cache, prompt and generated
@@ -79,6 +85,10 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.prefilled < self.prompt_length
+
+    def fail(self, message: str) -> None:
+        self.finished = True
+        self.deliver(SequenceUpdate("", None, None, self.generated, error=message, index=self.index))
 
     def _logprob_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         raw = self._token_bytes(token)
@@ -110,4 +120,4 @@ class Sequence:
                 finish = "length" if self._stops.matched is None else "stop"
         if finish is not None:
             self.finished = True
-        return SequenceUpdate(text=text, logprobs=logprobs, finish_reason=finish, completion_tokens=self.generated)
+        return SequenceUpdate(text=text, logprobs=logprobs, finish_reason=finish, completion_tokens=self.generated, index=self.index)

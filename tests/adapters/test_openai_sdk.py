@@ -526,9 +526,9 @@ TOOLS = [
 @pytest.mark.parametrize(
     ("params", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": TOOLS}, "tools"),
+        ({"n": 9}, "n"),
+        ({"model": "gemma-3-270m-plain", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": "gemma-3-270m-plain", "tools": TOOLS}, "tools"),
         ({"temperature": 2.5}, "temperature"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -538,9 +538,9 @@ TOOLS = [
 )
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 def test_bad_request_names_the_parameter(openai_client, params, param, streaming):
-    params = {"max_tokens": 1, **params}
+    params = {"model": MODEL, "max_tokens": 1, **params}
     with pytest.raises(openai.BadRequestError) as raised:
-        openai_client.chat.completions.create(model=MODEL, messages=QUESTION, stream=streaming, **params)
+        openai_client.chat.completions.create(messages=QUESTION, stream=streaming, **params)
     error = raised.value
     assert error.status_code == 400
     assert error.param == param

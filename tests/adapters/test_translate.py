@@ -694,8 +694,20 @@ def test_chunk_logprobs():
 
 
 def test_models():
-    model = pb.Model(id="google/gemma-3-270m", object="model", created=2**33, owned_by="chatrpc")
-    expected = {"id": "google/gemma-3-270m", "object": "model", "created": 2**33, "owned_by": "chatrpc"}
+    model = pb.Model(
+        id="google/gemma-3-270m",
+        object="model",
+        created=2**33,
+        owned_by="chatrpc",
+        capabilities=pb.ModelCapabilities(tools=False, json_object=True, json_schema=True),
+    )
+    expected = {
+        "id": "google/gemma-3-270m",
+        "object": "model",
+        "created": 2**33,
+        "owned_by": "chatrpc",
+        "capabilities": {"tools": False, "json_object": True, "json_schema": True},
+    }
     assert model_to_json(model) == expected
     assert model_list_to_json(pb.ModelList(object="list", data=[model])) == {"object": "list", "data": [expected]}
     assert model_list_to_json(pb.ModelList()) == {"object": "list", "data": []}

@@ -113,7 +113,10 @@ def test_logprobs_follow_tokens(stub, auth_metadata):
 def test_list_models(stub, auth_metadata):
     models = stub.ListModels(chat_pb2.ListModelsRequest(), metadata=auth_metadata, timeout=10)
     assert models.object == "list"
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, "gemma-3-270m-plain"]
+    capabilities = {m.id: m.capabilities for m in models.data}
+    assert capabilities[MODEL] == chat_pb2.ModelCapabilities(tools=True, json_object=True, json_schema=True)
+    assert capabilities["gemma-3-270m-plain"] == chat_pb2.ModelCapabilities()
 
 
 def test_health_needs_no_key(grpc_channel):
@@ -157,13 +160,15 @@ def _param(error: grpc.RpcError) -> str | None:
     [
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 9}, "n"),
         ({"logit_bias": {10**9: 1.0}}, "logit_bias"),
         ({"stream": True}, "stream"),
         ({"messages": []}, "messages"),
         ({"max_tokens": 100000}, "max_tokens"),
-        ({"tools": [chat_pb2.Tool(type="function", function=chat_pb2.FunctionDefinition(name="f"))]}, "tools"),
-        ({"response_format": chat_pb2.ResponseFormat(type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT)}, "response_format"),
+        ({"tools": [chat_pb2.Tool(type="function", function=chat_pb2.FunctionDefinition(name="bad name"))]}, "tools[0].function.name"),
+        ({"tool_choice": chat_pb2.ToolChoice(mode=chat_pb2.TOOL_CHOICE_MODE_REQUIRED)}, "tool_choice"),
+        ({"response_format": chat_pb2.ResponseFormat(type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA)}, "response_format.json_schema.name"),
     ],
 )
 def test_invalid_argument_names_the_parameter(stub, auth_metadata, fields, param):
