@@ -29,6 +29,8 @@ pub struct Kernels {
     pub exp_into: fn(&[f32], f64, f64, &mut [f64]),
     /// `z[i] = exp(z[i])` in place, for `z[i] <= 0`.
     pub exp_in_place: fn(&mut [f64]),
+    /// `out[j] = x[j]` where bit `j % 32` of `mask[j / 32]` is set, else `-inf`.
+    pub apply_mask: fn(&[f32], &[u32], &mut [f32]),
     /// The fast, f32 version of `exp_sum` (see [`FastSum`]).
     pub fast_exp_sum: fn(&[f32], FastShift) -> FastSum,
     pub name: &'static str,
@@ -54,6 +56,7 @@ impl Kernels {
         exp_into: exp_into::<Separate>,
         exp_in_place: exp_in_place::<Separate>,
         fast_exp_sum: fast_exp_sum::<Separate>,
+        apply_mask,
         name: "baseline",
     };
 
@@ -84,6 +87,10 @@ mod avx2 {
         exp_into::<Fused>(x, scale, shift, out)
     }
     #[target_feature(enable = "avx2,fma")]
+    unsafe fn apply_mask_avx2(x: &[f32], mask: &[u32], out: &mut [f32]) {
+        apply_mask(x, mask, out)
+    }
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn exp_in_place_avx2(z: &mut [f64]) {
         exp_in_place::<Fused>(z)
     }
@@ -93,7 +100,7 @@ mod avx2 {
     unsafe fn fast_exp_sum_avx2(x: &[f32], shift: FastShift) -> FastSum {
         use std::arch::x86_64::*;
         let FastShift { reference, scale, offset } = shift;
-        let chunks = x.chunks_exact(8);
+        let chunks = x.chunks_exact(32);
         let tail = fast_exp_sum::<Fused>(chunks.remainder(), shift);
         let (reference, scale, offset) =
             (_mm256_set1_ps(reference), _mm256_set1_ps(scale), _mm256_set1_ps(offset));
@@ -104,10 +111,7 @@ mod avx2 {
         let bias = _mm256_set1_ps(127.0 + 12_582_912.0);
         let round_bits = _mm256_castps_si256(round);
         let coefficients = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32];
-        let mut sum = [_mm256_setzero_pd(); 2];
-        let mut sum_wz = _mm256_setzero_ps();
-        for chunk in chunks {
-            let v = _mm256_loadu_ps(chunk.as_ptr());
+        let exp8 = |v: __m256, sum_wz: &mut __m256| {
             let z = _mm256_fmadd_ps(_mm256_sub_ps(v, reference), scale, offset);
             let zc = _mm256_max_ps(z, floor);
             let n = _mm256_sub_ps(_mm256_fmadd_ps(zc, log2e, round), round);
@@ -122,10 +126,23 @@ mod avx2 {
             ));
             let w = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
             let w = _mm256_and_ps(w, _mm256_cmp_ps::<_CMP_GT_OQ>(z, floor));
-            sum_wz = _mm256_fnmadd_ps(w, zc, sum_wz);
+            *sum_wz = _mm256_fnmadd_ps(w, zc, *sum_wz);
+            w
+        };
+        let mut sum = [_mm256_setzero_pd(); 2];
+        let mut sum_wz = [_mm256_setzero_ps(); 2];
+        for chunk in chunks {
+            let p = chunk.as_ptr();
+            let w0 = exp8(_mm256_loadu_ps(p), &mut sum_wz[0]);
+            let w1 = exp8(_mm256_loadu_ps(p.add(8)), &mut sum_wz[1]);
+            let w2 = exp8(_mm256_loadu_ps(p.add(16)), &mut sum_wz[0]);
+            let w3 = exp8(_mm256_loadu_ps(p.add(24)), &mut sum_wz[1]);
+            // Four weights per lane in f32 (two roundings, within the error bound), then f64.
+            let w = _mm256_add_ps(_mm256_add_ps(w0, w1), _mm256_add_ps(w2, w3));
             sum[0] = _mm256_add_pd(sum[0], _mm256_cvtps_pd(_mm256_castps256_ps128(w)));
             sum[1] = _mm256_add_pd(sum[1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w)));
         }
+        let sum_wz = _mm256_add_ps(sum_wz[0], sum_wz[1]);
         let mut lanes = [0.0f64; 8];
         _mm256_storeu_pd(lanes.as_mut_ptr(), sum[0]);
         _mm256_storeu_pd(lanes[4..].as_mut_ptr(), sum[1]);
@@ -143,6 +160,7 @@ mod avx2 {
         exp_into: |x, scale, shift, out| unsafe { exp_into_avx2(x, scale, shift, out) },
         exp_in_place: |z| unsafe { exp_in_place_avx2(z) },
         fast_exp_sum: |x, shift| unsafe { fast_exp_sum_avx2(x, shift) },
+        apply_mask: |x, mask, out| unsafe { apply_mask_avx2(x, mask, out) },
         name: "avx2+fma",
     };
 }
@@ -316,6 +334,30 @@ fn fast_exp_sum<M: MulAdd>(x: &[f32], shift: FastShift) -> FastSum {
         });
     }
     total
+}
+
+#[inline(always)]
+fn apply_mask(x: &[f32], mask: &[u32], out: &mut [f32]) {
+    // One constant per lane, so that the loop is a vector AND, compare and blend.
+    const BITS: [u32; 32] = {
+        let mut bits = [0; 32];
+        let mut i = 0;
+        while i < 32 {
+            bits[i] = 1 << i;
+            i += 1;
+        }
+        bits
+    };
+    let full = x.len() / 32;
+    for ((out, x), &word) in out.chunks_exact_mut(32).zip(x.chunks_exact(32)).zip(mask) {
+        for i in 0..32 {
+            out[i] = if word & BITS[i] != 0 { x[i] } else { f32::NEG_INFINITY };
+        }
+    }
+    for i in 0..x.len() % 32 {
+        let j = full * 32 + i;
+        out[j] = if mask[full] & BITS[i] != 0 { x[j] } else { f32::NEG_INFINITY };
+    }
 }
 
 #[inline(always)]

@@ -42,6 +42,8 @@ pub struct Scratch {
     touched: Vec<Touched>,
     candidates: Vec<(u32, f64)>,
     patch: Vec<f32>,
+    /// The row with the mask applied (forbidden tokens at `-inf`), when there is a mask.
+    masked: Vec<f32>,
     weights: Vec<f64>,
     top: Vec<(u32, f32)>,
     /// The top logprobs of the last step, `(token, raw logprob)`, most likely first.
@@ -117,14 +119,19 @@ pub fn choose(
     let (token, rng) = if params.greedy && scratch.touched.is_empty() && mask.is_none() {
         (raw_argmax(logits, &scratch.raw_max, max), None)
     } else {
-        let untouched_max = effective_maxima(logits, mask, scratch, k);
-        if params.greedy {
-            (greedy(logits, mask, scratch, untouched_max)?, None)
-        } else {
-            let mut rng = rng.clone();
-            let token = draw(params, logits, mask, scratch, untouched_max, &mut rng, k)?;
-            (token, Some(rng))
-        }
+        // With a mask, the later passes read the masked row, built once.
+        let mut masked = std::mem::take(&mut scratch.masked);
+        let base = match mask {
+            Some(mask) => {
+                masked.resize(logits.len(), 0.0);
+                (k.apply_mask)(logits, mask, &mut masked);
+                &masked[..]
+            }
+            None => logits,
+        };
+        let result = choose_adjusted(params, base, mask.is_some(), scratch, rng, k);
+        scratch.masked = masked;
+        result?
     };
     let logprob = if wants_logprobs {
         f64::from(logits[token as usize]) - log_z
@@ -132,6 +139,25 @@ pub fn choose(
         f64::NAN
     };
     Ok(Pending { token, logprob, rng })
+}
+
+/// Steps 6 to 8 on `base`, the row with masked tokens at `-inf`.
+fn choose_adjusted(
+    params: &Params,
+    base: &[f32],
+    masked: bool,
+    scratch: &mut Scratch,
+    rng: &SequenceRng,
+    k: &Kernels,
+) -> Result<(u32, Option<SequenceRng>), SamplerError> {
+    let untouched_max = effective_maxima(base, masked, scratch, k);
+    if params.greedy {
+        Ok((greedy(base, masked, scratch, untouched_max)?, None))
+    } else {
+        let mut rng = rng.clone();
+        let token = draw(params, base, masked, scratch, untouched_max, &mut rng, k)?;
+        Ok((token, Some(rng)))
+    }
 }
 
 /// Step 1: block maxima of the raw logits; refuses NaN, +inf and an all `-inf` row.
@@ -280,30 +306,16 @@ fn touched_before<'a>(touched: &'a [Touched], cursor: &mut usize, hi: usize) -> 
     &touched[start..*cursor]
 }
 
-/// A block as the later stages see it: masked and touched tokens set to `-inf` (touched ones are
-/// handled apart). Copies into `patch` only when something changes.
-fn effective_block<'a>(
-    logits: &'a [f32],
-    b: usize,
-    mask: Option<&[u32]>,
-    touched: &[Touched],
-    patch: &'a mut [f32],
-) -> &'a [f32] {
-    let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(logits.len()));
-    let block = &logits[lo..hi];
-    let masked = mask.filter(|m| !allows_range(m, lo, hi));
-    if masked.is_none() && touched.is_empty() {
+/// A block as the later stages see it: touched tokens set to `-inf` (their weights are handled
+/// apart). Copies into `patch` only when the block has touched tokens.
+fn effective_block<'a>(base: &'a [f32], b: usize, touched: &[Touched], patch: &'a mut [f32]) -> &'a [f32] {
+    let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(base.len()));
+    let block = &base[lo..hi];
+    if touched.is_empty() {
         return block;
     }
     let patch = &mut patch[..block.len()];
     patch.copy_from_slice(block);
-    if let Some(mask) = masked {
-        for (i, x) in patch.iter_mut().enumerate() {
-            if !is_allowed(mask, lo + i) {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-    }
     for t in touched {
         patch[t.id as usize - lo] = f32::NEG_INFINITY;
     }
@@ -311,26 +323,25 @@ fn effective_block<'a>(
 }
 
 /// Block maxima of the effective (untouched, allowed) logits; returns their maximum.
-fn effective_maxima(logits: &[f32], mask: Option<&[u32]>, scratch: &mut Scratch, k: &Kernels) -> f32 {
+fn effective_maxima(base: &[f32], masked: bool, scratch: &mut Scratch, k: &Kernels) -> f32 {
     let Scratch { raw_max, effective_max, touched, patch, .. } = scratch;
     effective_max.clear();
     let mut cursor = 0;
     for (b, &raw) in raw_max.iter().enumerate() {
-        let hi = ((b + 1) * BLOCK).min(logits.len());
+        let hi = ((b + 1) * BLOCK).min(base.len());
         let in_block = touched_before(touched, &mut cursor, hi);
-        let block = effective_block(logits, b, mask, in_block, patch);
-        let m = if std::ptr::eq(block.as_ptr(), logits.as_ptr().wrapping_add(b * BLOCK)) {
+        let m = if in_block.is_empty() && !masked {
             raw
         } else {
-            (k.max_and_bad)(block).0
+            (k.max_and_bad)(effective_block(base, b, in_block, patch)).0
         };
         effective_max.push(m);
     }
     effective_max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
-fn nothing_allowed(mask: Option<&[u32]>) -> SamplerError {
-    if mask.is_some() {
+fn nothing_allowed(masked: bool) -> SamplerError {
+    if masked {
         SamplerError::NothingAllowed
     } else {
         SamplerError::AllImpossible
@@ -338,14 +349,14 @@ fn nothing_allowed(mask: Option<&[u32]>) -> SamplerError {
 }
 
 /// Step 6, greedy: the highest value, ties to the lowest id.
-fn greedy(logits: &[f32], mask: Option<&[u32]>, scratch: &mut Scratch, untouched_max: f32) -> Result<u32, SamplerError> {
+fn greedy(logits: &[f32], masked: bool, scratch: &mut Scratch, untouched_max: f32) -> Result<u32, SamplerError> {
     let mut best: Option<(f64, u32)> = None;
     if untouched_max > f32::NEG_INFINITY {
         let b = scratch.effective_max.iter().position(|&m| m == untouched_max).unwrap_or(0);
         let mut cursor = scratch.touched.partition_point(|t| (t.id as usize) < b * BLOCK);
         let hi = ((b + 1) * BLOCK).min(logits.len());
         let in_block = touched_before(&scratch.touched, &mut cursor, hi);
-        let block = effective_block(logits, b, mask, in_block, &mut scratch.patch);
+        let block = effective_block(logits, b, in_block, &mut scratch.patch);
         let i = block.iter().position(|&x| x == untouched_max).unwrap_or(0);
         best = Some((f64::from(untouched_max), (b * BLOCK + i) as u32));
     }
@@ -360,7 +371,7 @@ fn greedy(logits: &[f32], mask: Option<&[u32]>, scratch: &mut Scratch, untouched
     }
     match best {
         Some((v, id)) if v > f64::NEG_INFINITY => Ok(id),
-        _ => Err(nothing_allowed(mask)),
+        _ => Err(nothing_allowed(masked)),
     }
 }
 
@@ -368,7 +379,7 @@ fn greedy(logits: &[f32], mask: Option<&[u32]>, scratch: &mut Scratch, untouched
 fn draw(
     params: &Params,
     logits: &[f32],
-    mask: Option<&[u32]>,
+    masked: bool,
     scratch: &mut Scratch,
     untouched_max: f32,
     rng: &mut SequenceRng,
@@ -380,7 +391,7 @@ fn draw(
         m = m.max(t.value * inv_t);
     }
     if m == f64::NEG_INFINITY {
-        return Err(nothing_allowed(mask));
+        return Err(nothing_allowed(masked));
     }
     for t in scratch.touched.iter_mut() {
         t.weight = k.exp(t.value * inv_t - m);
@@ -403,7 +414,7 @@ fn draw(
             let sum = if effective_max[b] == f32::NEG_INFINITY {
                 FastSum::default()
             } else {
-                (k.fast_exp_sum)(effective_block(logits, b, mask, in_block, patch), shift)
+                (k.fast_exp_sum)(effective_block(logits, b, in_block, patch), shift)
             };
             fast_sums.push(sum);
             fast = fast.add(sum);
@@ -414,7 +425,7 @@ fn draw(
     let total = fast.sum + touched_total;
     let u = rng.next_uniform();
 
-    let row = Row { logits, mask, inv_t, m, k };
+    let row = Row { logits, inv_t, m, k };
     if params.nucleus {
         Ok(row.nucleus_draw(scratch, params.top_p, total, bound, u))
     } else {
@@ -424,8 +435,8 @@ fn draw(
 
 /// What the weight stages need to know about the row.
 struct Row<'a> {
+    /// The row with masked tokens at `-inf`.
     logits: &'a [f32],
-    mask: Option<&'a [u32]>,
     inv_t: f64,
     m: f64,
     k: &'a Kernels,
@@ -441,7 +452,7 @@ impl Row<'_> {
         let Scratch { touched, patch, weights, .. } = scratch;
         let hi = ((b + 1) * BLOCK).min(self.logits.len());
         let in_block = touched_before(touched, cursor, hi);
-        let block = effective_block(self.logits, b, self.mask, in_block, patch);
+        let block = effective_block(self.logits, b, in_block, patch);
         let len = block.len();
         (self.k.exp_into)(block, self.inv_t, self.m, &mut weights[..len]);
         for t in in_block {
@@ -462,7 +473,7 @@ impl Row<'_> {
             let mut sum = if scratch.effective_max[b] == f32::NEG_INFINITY {
                 0.0
             } else {
-                let block = effective_block(self.logits, b, self.mask, in_block, &mut scratch.patch);
+                let block = effective_block(self.logits, b, in_block, &mut scratch.patch);
                 (self.k.exp_sum)(block, self.inv_t, self.m)
             };
             sum += in_block.iter().map(|t| t.weight).sum::<f64>();
@@ -515,32 +526,46 @@ impl Row<'_> {
         kept.last().map_or(0, |&(id, _)| id)
     }
 
-    /// Tokens with weight at least `e^level` (all with a positive weight at `-inf`).
+    /// Tokens with weight at least `e^level` (all with a positive weight at `-inf`). Logits are
+    /// compared in f32 against a cut a little below the level, and only those above it get an
+    /// exact weight.
     fn collect_candidates(&self, scratch: &mut Scratch, level: f64) {
         let floor = level.exp();
-        scratch.candidates.clear();
+        // z >= level  <=>  x >= (level + m) / inv_t; the slack keeps every token the exact test keeps.
+        let cut = ((level + self.m) / self.inv_t) as f32;
+        let cut = if level == f64::NEG_INFINITY { f32::NEG_INFINITY } else { cut - cut.abs() * 1e-5 - 1e-5 };
+        let Scratch { effective_max, touched, patch, candidates, weights, .. } = scratch;
+        candidates.clear();
         let mut cursor = 0;
-        for b in 0..self.blocks() {
-            let block_max = f64::from(scratch.effective_max[b]) * self.inv_t - self.m;
-            // 1e-6 of slack: the block test must not drop a token that the exact test keeps.
-            if block_max == f64::NEG_INFINITY || block_max < level - 1e-6 {
-                cursor = scratch.touched.partition_point(|t| (t.id as usize) < (b + 1) * BLOCK);
+        for (b, &block_max) in effective_max.iter().enumerate() {
+            let hi = ((b + 1) * BLOCK).min(self.logits.len());
+            let in_block = touched_before(touched, &mut cursor, hi);
+            if block_max == f32::NEG_INFINITY || block_max < cut {
                 continue;
             }
-            let hi = ((b + 1) * BLOCK).min(self.logits.len());
-            let in_block = touched_before(&scratch.touched, &mut cursor, hi);
-            let block = effective_block(self.logits, b, self.mask, in_block, &mut scratch.patch);
-            let len = block.len();
-            (self.k.exp_into)(block, self.inv_t, self.m, &mut scratch.weights[..len]);
-            for (i, &w) in scratch.weights[..len].iter().enumerate() {
-                if w > 0.0 && w >= floor {
-                    scratch.candidates.push(((b * BLOCK + i) as u32, w));
+            let block = effective_block(self.logits, b, in_block, patch);
+            for (i, &x) in block.iter().enumerate() {
+                if x >= cut && x > f32::NEG_INFINITY {
+                    candidates.push(((b * BLOCK + i) as u32, f64::from(x)));
                 }
             }
         }
-        for t in &scratch.touched {
+        // Exact weights, in place, then the exact test.
+        weights.clear();
+        weights.extend(candidates.iter().map(|&(_, x)| x * self.inv_t - self.m));
+        (self.k.exp_in_place)(weights);
+        let mut kept = 0;
+        for i in 0..candidates.len() {
+            if weights[i] > 0.0 && weights[i] >= floor {
+                candidates[kept] = (candidates[i].0, weights[i]);
+                kept += 1;
+            }
+        }
+        candidates.truncate(kept);
+        weights.resize(BLOCK, 0.0);
+        for t in touched.iter() {
             if t.weight > 0.0 && t.weight >= floor {
-                scratch.candidates.push((t.id, t.weight));
+                candidates.push((t.id, t.weight));
             }
         }
     }
