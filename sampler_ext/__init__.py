@@ -1,7 +1,10 @@
 """chatrpc's token sampler, in Rust.
 
-One :class:`SequenceSampler` per sequence. For each token, ``sample(logits)`` applies, in order:
+:class:`BatchSampler` samples every sequence of a decode step in one call and keeps each
+sequence's history and random stream on the Rust side; :class:`SequenceSampler` is the same
+algorithm for one sequence at a time. For each token, in order:
 
+0. ``mask`` (``BatchSampler`` only): tokens whose bit is clear are impossible;
 1. ``logit_bias``: the bias of a token is added to its logit;
 2. OpenAI's penalties over the tokens this sampler has produced or recorded (its history):
    ``logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)``;
@@ -14,9 +17,10 @@ One :class:`SequenceSampler` per sequence. For each token, ``sample(logits)`` ap
 and then records the token in the history.
 
 Logprobs are reported as OpenAI reports them: the log-softmax of the *raw* logits given to
-``sample``, before logit bias, penalties, temperature and top-p (vLLM's default "raw logprobs").
+``sample``, before the mask, logit bias, penalties, temperature and top-p (vLLM's default "raw
+logprobs").
 """
 
-from ._native import SequenceSampler
+from ._native import BatchSampler, SequenceSampler
 
-__all__ = ["SequenceSampler"]
+__all__ = ["BatchSampler", "SequenceSampler"]

@@ -36,6 +36,22 @@ pub enum SamplerError {
     NonFiniteLogit { token: usize, value: f32 },
     /// Every token had a logit of -inf, so there was nothing to choose.
     AllImpossible,
+    /// A `logit_bias` token id appeared twice.
+    BiasRepeated(i64),
+    /// A mask row did not have `ceil(vocab_size / 32)` words.
+    MaskLength { expected: usize, got: usize },
+    /// The mask allowed no token with a finite logit.
+    NothingAllowed,
+    /// `add` with a key that is already registered.
+    KeyExists(i64),
+    /// A key that is not registered.
+    UnknownKey(i64),
+    /// The same key on two rows of one batch.
+    KeyRepeated(i64),
+    /// The arrays of a batch did not fit together.
+    BatchShape(String),
+    /// One row of a batch failed; no row was applied.
+    Row { row: usize, key: i64, source: Box<SamplerError> },
 }
 
 impl fmt::Display for SamplerError {
@@ -71,6 +87,18 @@ impl fmt::Display for SamplerError {
                 write!(f, "logit of token {token} is {value}; logits must not be NaN or +inf")
             }
             Self::AllImpossible => write!(f, "every token has a logit of -inf; nothing can be sampled"),
+            Self::BiasRepeated(token) => write!(f, "logit_bias names token {token} twice"),
+            Self::MaskLength { expected, got } => {
+                write!(f, "expected a mask of {expected} uint32 words (ceil(vocab_size / 32)), got {got}")
+            }
+            Self::NothingAllowed => {
+                write!(f, "the mask allows no token with a finite logit; nothing can be sampled")
+            }
+            Self::KeyExists(key) => write!(f, "key {key} is already registered"),
+            Self::UnknownKey(key) => write!(f, "key {key} is not registered"),
+            Self::KeyRepeated(key) => write!(f, "key {key} appears on more than one row"),
+            Self::BatchShape(message) => f.write_str(message),
+            Self::Row { row, key, source } => write!(f, "row {row} (key {key}): {source}"),
         }
     }
 }

@@ -4,14 +4,18 @@
 //! arguments, releases the GIL around the numeric work and turns [`SamplerError`] into
 //! `ValueError`.
 
+pub mod batch;
 pub mod error;
+pub mod kernels;
 pub mod rng;
 pub mod sampler;
+pub mod step;
 
-use numpy::PyReadonlyArray1;
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt};
 
+pub use batch::{BatchOutput, BatchSampler};
 pub use error::SamplerError;
 pub use sampler::{Sample, SamplerConfig, SequenceSampler};
 
@@ -46,16 +50,7 @@ impl PySequenceSampler {
         logit_bias: Option<&Bound<'_, PyDict>>,
         top_logprobs: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let mut bias = Vec::new();
-        if let Some(dict) = logit_bias {
-            bias.reserve(dict.len());
-            for (token, value) in dict.iter() {
-                bias.push((
-                    extract_int(&token, "logit_bias token id")?,
-                    value.extract::<f64>()?,
-                ));
-            }
-        }
+        let bias = extract_bias(logit_bias)?;
         let config = SamplerConfig {
             vocab_size: extract_int(vocab_size, "vocab_size")?,
             seed: extract_seed(seed)?,
@@ -68,6 +63,7 @@ impl PySequenceSampler {
                 Some(k) => extract_int(k, "top_logprobs")?,
                 None => 0,
             },
+            logprobs: true,
         };
         let inner = SequenceSampler::new(config.clone())?;
         Ok(Self { inner, config })
@@ -122,6 +118,148 @@ impl PySequenceSampler {
     }
 }
 
+fn extract_bias(logit_bias: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(i64, f64)>> {
+    let mut bias = Vec::new();
+    if let Some(dict) = logit_bias {
+        bias.reserve(dict.len());
+        for (token, value) in dict.iter() {
+            bias.push((extract_int(&token, "logit_bias token id")?, value.extract::<f64>()?));
+        }
+    }
+    Ok(bias)
+}
+
+/// `(tokens, logprobs, top_ids, top_logprobs)`, as Python receives a batch.
+type BatchTuple<'py> = (
+    Bound<'py, PyArray1<i32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray2<i32>>,
+    Bound<'py, PyArray2<f32>>,
+);
+
+/// Samples every sequence of a decode step in one call; the sequences (history, random stream)
+/// live on the Rust side between steps, under the caller's integer keys.
+///
+/// Logprobs are the log-softmax of the raw logits, before mask, bias, penalties, temperature and
+/// top-p.
+#[pyclass(name = "BatchSampler", module = "sampler_ext._native")]
+pub struct PyBatchSampler {
+    inner: BatchSampler,
+}
+
+#[pymethods]
+impl PyBatchSampler {
+    #[new]
+    fn new(vocab_size: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(Self { inner: BatchSampler::new(extract_int(vocab_size, "vocab_size")?)? })
+    }
+
+    #[pyo3(signature = (
+        key, *, seed, temperature = 1.0, top_p = 1.0, frequency_penalty = 0.0,
+        presence_penalty = 0.0, logit_bias = None, top_logprobs = None, logprobs = false,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        key: &Bound<'_, PyAny>,
+        seed: &Bound<'_, PyAny>,
+        temperature: f64,
+        top_p: f64,
+        frequency_penalty: f64,
+        presence_penalty: f64,
+        logit_bias: Option<&Bound<'_, PyDict>>,
+        top_logprobs: Option<&Bound<'_, PyAny>>,
+        logprobs: bool,
+    ) -> PyResult<()> {
+        let config = SamplerConfig {
+            vocab_size: self.inner.vocab_size() as i64,
+            seed: extract_seed(seed)?,
+            temperature,
+            top_p,
+            frequency_penalty,
+            presence_penalty,
+            logit_bias: extract_bias(logit_bias)?,
+            top_logprobs: match top_logprobs {
+                Some(k) => extract_int(k, "top_logprobs")?,
+                None => 0,
+            },
+            logprobs,
+        };
+        self.inner.add(extract_int(key, "key")?, &config)?;
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.remove(extract_int(key, "key")?);
+        Ok(())
+    }
+
+    fn record(&mut self, key: &Bound<'_, PyAny>, token: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.record(extract_int(key, "key")?, extract_int(token, "token id")?)?;
+        Ok(())
+    }
+
+    /// How many tokens are in a sequence's history.
+    fn generated(&self, key: &Bound<'_, PyAny>) -> PyResult<usize> {
+        Ok(self.inner.generated(extract_int(key, "key")?)?)
+    }
+
+    #[pyo3(signature = (logits, keys, masks = None))]
+    fn sample<'py>(
+        &mut self,
+        py: Python<'py>,
+        logits: PyReadonlyArray2<'py, f32>,
+        keys: &Bound<'py, PyAny>,
+        masks: Option<PyReadonlyArray2<'py, u32>>,
+    ) -> PyResult<BatchTuple<'py>> {
+        let keys: Vec<i64> = match keys.extract::<PyReadonlyArray1<'py, i64>>() {
+            Ok(array) => array.as_array().to_vec(),
+            Err(_) => keys.extract()?,
+        };
+        let [rows, columns] = logits.shape() else { unreachable!("a 2-D array has two dimensions") };
+        let (rows, columns) = (*rows, *columns);
+        if rows != keys.len() || columns != self.inner.vocab_size() {
+            return Err(SamplerError::BatchShape(format!(
+                "logits have shape ({rows}, {columns}); expected ({}, {}): one row of vocab_size per key",
+                keys.len(),
+                self.inner.vocab_size()
+            ))
+            .into());
+        }
+        let logits = logits.as_slice().map_err(|_| SamplerError::NotContiguous)?;
+        let masks = match &masks {
+            Some(m) => Some(m.as_slice().map_err(|_| SamplerError::NotContiguous)?),
+            None => None,
+        };
+        let inner = &mut self.inner;
+        let out = py.detach(|| inner.sample(logits, &keys, masks))?;
+        let (n, k) = (out.tokens.len(), out.top_k);
+        Ok((
+            out.tokens.into_pyarray(py),
+            out.logprobs.into_pyarray(py),
+            out.top_ids.into_pyarray(py).reshape([n, k])?,
+            out.top_logprobs.into_pyarray(py).reshape([n, k])?,
+        ))
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __contains__(&self, key: &Bound<'_, PyAny>) -> bool {
+        extract_int(key, "key").is_ok_and(|key| self.inner.contains(key))
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("BatchSampler(vocab_size={}, sequences={})", self.inner.vocab_size(), self.inner.len())
+    }
+}
+
 /// An integer argument as `i64`; a Python int too large for it is a `ValueError` (out of range),
 /// anything that is not an int keeps pyo3's `TypeError`.
 fn extract_int(value: &Bound<'_, PyAny>, what: &'static str) -> PyResult<i64> {
@@ -153,5 +291,6 @@ fn extract_seed(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySequenceSampler>()?;
+    m.add_class::<PyBatchSampler>()?;
     Ok(())
 }

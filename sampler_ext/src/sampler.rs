@@ -1,33 +1,40 @@
-//! Choosing the next token of one sequence from its logits.
+//! Choosing the next token of a sequence from its logits.
 //!
-//! For each token, [`SequenceSampler::sample`] does, in this order:
+//! For each token, a step ([`crate::step::choose`]) does, in this order:
 //!
-//! 1. **Raw scan.** Refuse NaN and +inf logits; find the raw maximum (and its lowest token id) and
-//!    the `top_logprobs` best raw logits. Logprobs are the log-softmax of these *raw* logits, as
-//!    OpenAI reports them: logit bias, penalties, temperature and top-p do not change them.
-//! 2. **Logit bias.** `value[t] = logit[t] + bias[t]`.
-//! 3. **Penalties** over the tokens this sequence has generated (its history):
+//! 1. **Raw scan.** Refuse NaN and +inf logits and a row that is all `-inf`; find the maximum of
+//!    each block of 256 logits.
+//! 2. **Logprobs** (only if asked for): the log-softmax of these *raw* logits, as OpenAI reports
+//!    them: the mask, logit bias, penalties, temperature and top-p do not change them. The `k` best
+//!    `(token, logprob)` pairs, ties to the lower id.
+//! 3. **Mask** (optional): a token whose bit is clear has `value = -inf`. A mask of all ones is no
+//!    mask.
+//! 4. **Logit bias.** `value[t] = logit[t] + bias[t]`.
+//! 5. **Penalties** over the tokens this sequence has generated (its history):
 //!    `value[t] -= frequency_penalty * count[t] + presence_penalty`, for each `t` with `count[t] > 0`.
-//! 4. **Temperature.** Below [`GREEDY_BELOW_TEMPERATURE`] the token is the argmax of `value`, ties
+//! 6. **Temperature.** Below [`GREEDY_BELOW_TEMPERATURE`] the token is the argmax of `value`, ties
 //!    going to the lowest token id (as llama.cpp's greedy sampler), and no random number is drawn.
-//!    Otherwise `value /= temperature` and `weight = exp(value - max(value))`.
-//! 5. **Top-p.** With `top_p < 1`, keep the fewest tokens, taken by decreasing weight (ties: lower
-//!    id first), whose weights summed in that order reach `top_p * total`, where `total` is the sum
-//!    of all weights in id order. At least one token is always kept.
-//! 6. **Draw.** One uniform `u` in `[0, 1)` from the sequence's ChaCha20 stream; walking the kept
+//!    Otherwise `weight = exp(value / temperature - max)`.
+//! 7. **Top-p.** With `top_p < 1`, keep the fewest tokens, taken by decreasing weight (ties: lower
+//!    id first), whose weights summed in that order reach `top_p * total`. At least one token is
+//!    always kept.
+//! 8. **Draw.** One uniform `u` in `[0, 1)` from the sequence's ChaCha20 stream; walking the kept
 //!    tokens in increasing id order, the token is the first whose running weight sum exceeds
-//!    `u * kept_total` (`kept_total` summed in the same order).
-//! 7. **Record** the token in the history, so that later penalties see it.
+//!    `u * kept_total`.
+//! 9. **Record** the token in the history, so that later penalties see it.
 //!
-//! All arithmetic after the raw scan is `f64` and every sum is sequential in the order stated, so
-//! the result depends only on the seed and the logits, and on `exp`, whose last bit may differ
-//! between math libraries (which can only matter when a draw lands within an ulp of a boundary).
-
-use std::cmp::Ordering;
-use std::collections::HashMap;
+//! Stages 3 to 5 touch only the tokens they concern, and stages 7 and 8 only the blocks that can
+//! matter; see `step.rs` for how, and `kernels.rs` for the vectorised passes.
+//!
+//! The result depends only on the seed and the logits, up to rounding: weights are f64
+//! exponentials within two ulps of libm's, and sums are taken in blocks rather than one by one,
+//! so a draw can differ from exact arithmetic only when `u` lands within about 1e-15 (relative)
+//! of a boundary between two tokens. Fast f32 sums are used only where their error bound shows
+//! they cannot change the outcome.
 
 use crate::error::SamplerError;
 use crate::rng::SequenceRng;
+use crate::step::{self, LogprobPrecision, Pending, Scratch};
 
 /// OpenAI allows at most 20 `top_logprobs`.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -38,10 +45,6 @@ pub const GREEDY_BELOW_TEMPERATURE: f64 = 1e-5;
 
 /// Largest vocabulary accepted: token ids are `int32` in llama.cpp and in the gRPC API.
 pub const MAX_VOCAB_SIZE: usize = i32::MAX as usize;
-
-/// Nucleus selection sorts the heaviest tokens in chunks of this size, doubling each time, so that
-/// a peaked distribution (the usual case) sorts a few dozen tokens instead of the vocabulary.
-const FIRST_NUCLEUS_CHUNK: usize = 64;
 
 /// The sampling parameters of one sequence, as given by the caller (not yet validated).
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +58,8 @@ pub struct SamplerConfig {
     /// `(token id, bias)` pairs; a token id must not repeat.
     pub logit_bias: Vec<(i64, f64)>,
     pub top_logprobs: i64,
+    /// Whether to report the chosen token's logprob (top logprobs are reported when asked for).
+    pub logprobs: bool,
 }
 
 impl SamplerConfig {
@@ -69,6 +74,7 @@ impl SamplerConfig {
             presence_penalty: 0.0,
             logit_bias: Vec::new(),
             top_logprobs: 0,
+            logprobs: false,
         }
     }
 }
@@ -87,13 +93,17 @@ pub struct Sample {
 /// The tokens a sequence has generated so far, as counts for the penalties.
 #[derive(Debug, Clone, Default)]
 pub struct SequenceState {
-    counts: HashMap<u32, u32>,
+    /// `(token, count)`, sorted by token, so that a step merges it with the sorted bias.
+    counts: Vec<(u32, u32)>,
     generated: usize,
 }
 
 impl SequenceState {
     pub fn record(&mut self, token: u32) {
-        *self.counts.entry(token).or_insert(0) += 1;
+        match self.counts.binary_search_by_key(&token, |&(id, _)| id) {
+            Ok(at) => self.counts[at].1 += 1,
+            Err(at) => self.counts.insert(at, (token, 1)),
+        }
         self.generated += 1;
     }
 
@@ -102,41 +112,32 @@ impl SequenceState {
     }
 
     pub fn count(&self, token: u32) -> u32 {
-        self.counts.get(&token).copied().unwrap_or(0)
+        self.counts
+            .binary_search_by_key(&token, |&(id, _)| id)
+            .map_or(0, |at| self.counts[at].1)
+    }
+
+    pub fn counts(&self) -> &[(u32, u32)] {
+        &self.counts
     }
 }
 
-/// Buffers of vocabulary size, allocated on first use and kept between tokens.
-#[derive(Debug, Clone, Default)]
-struct Scratch {
-    values: Vec<f64>,
-    order: Vec<u32>,
-    top: Vec<(u32, f32)>,
-}
-
-/// Facts about the configuration worked out once, so each token takes the shortest road.
-#[derive(Debug, Clone, Copy)]
-struct Plan {
-    greedy: bool,
-    nucleus: bool,
-    penalised: bool,
-}
-
-/// The sampler of one sequence: validated parameters, history, random stream and scratch space.
+/// Validated parameters, and the facts about them that pick each step's road.
 #[derive(Debug, Clone)]
-pub struct SequenceSampler {
-    vocab_size: usize,
-    temperature: f64,
-    top_p: f64,
-    frequency_penalty: f64,
-    presence_penalty: f64,
+pub struct Params {
+    pub vocab_size: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub frequency_penalty: f64,
+    pub presence_penalty: f64,
     /// Sorted by token id.
-    logit_bias: Vec<(u32, f64)>,
-    top_logprobs: usize,
-    plan: Plan,
-    state: SequenceState,
-    rng: SequenceRng,
-    scratch: Scratch,
+    pub logit_bias: Vec<(u32, f64)>,
+    pub top_logprobs: usize,
+    /// Whether the caller wants the chosen token's logprob.
+    pub logprobs: bool,
+    pub greedy: bool,
+    pub nucleus: bool,
+    pub penalised: bool,
 }
 
 fn check_range(
@@ -156,8 +157,8 @@ fn check_range(
     }
 }
 
-impl SequenceSampler {
-    pub fn new(config: SamplerConfig) -> Result<Self, SamplerError> {
+impl Params {
+    pub fn new(config: &SamplerConfig) -> Result<Self, SamplerError> {
         let vocab_size = usize::try_from(config.vocab_size)
             .ok()
             .filter(|&v| (1..=MAX_VOCAB_SIZE).contains(&v))
@@ -189,12 +190,10 @@ impl SequenceSampler {
             logit_bias.push((id, bias));
         }
         logit_bias.sort_unstable_by_key(|&(id, _)| id);
+        if let Some(pair) = logit_bias.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(SamplerError::BiasRepeated(i64::from(pair[0].0)));
+        }
 
-        let plan = Plan {
-            greedy: t < GREEDY_BELOW_TEMPERATURE,
-            nucleus: p < 1.0,
-            penalised: config.frequency_penalty != 0.0 || config.presence_penalty != 0.0,
-        };
         Ok(Self {
             vocab_size,
             temperature: t,
@@ -203,247 +202,113 @@ impl SequenceSampler {
             presence_penalty: config.presence_penalty,
             logit_bias,
             top_logprobs,
-            plan,
+            logprobs: config.logprobs,
+            greedy: t < GREEDY_BELOW_TEMPERATURE,
+            nucleus: p < 1.0,
+            penalised: config.frequency_penalty != 0.0 || config.presence_penalty != 0.0,
+        })
+    }
+}
+
+/// One sequence: its parameters, history and random stream. Steps read it; only
+/// [`Sequence::commit`] changes it, so a failed step (or a failed row of a batch) changes nothing.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    pub params: Params,
+    pub state: SequenceState,
+    pub rng: SequenceRng,
+    pub seed: u64,
+}
+
+impl Sequence {
+    pub fn new(config: &SamplerConfig) -> Result<Self, SamplerError> {
+        Ok(Self {
+            params: Params::new(config)?,
             state: SequenceState::default(),
             rng: SequenceRng::new(config.seed),
-            scratch: Scratch::default(),
+            seed: config.seed,
         })
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.vocab_size
+    /// Steps 1 to 8; see [`crate::step::choose`].
+    pub fn choose(
+        &self,
+        logits: &[f32],
+        mask: Option<&[u32]>,
+        scratch: &mut Scratch,
+        precision: LogprobPrecision,
+    ) -> Result<Pending, SamplerError> {
+        step::choose(&self.params, &self.state, &self.rng, logits, mask, scratch, precision)
     }
 
-    pub fn generated(&self) -> usize {
-        self.state.generated()
-    }
-
-    pub fn state(&self) -> &SequenceState {
-        &self.state
+    /// Step 9: applies a step's outcome.
+    pub fn commit(&mut self, pending: &Pending) {
+        if let Some(rng) = &pending.rng {
+            self.rng = rng.clone();
+        }
+        self.state.record(pending.token);
     }
 
     /// Adds a token to the history without sampling (e.g. one forced by constrained decoding).
     pub fn record(&mut self, token: i64) -> Result<(), SamplerError> {
         let id = u32::try_from(token)
             .ok()
-            .filter(|&id| (id as usize) < self.vocab_size)
+            .filter(|&id| (id as usize) < self.params.vocab_size)
             .ok_or(SamplerError::Token {
                 token,
-                vocab_size: self.vocab_size,
+                vocab_size: self.params.vocab_size,
             })?;
         self.state.record(id);
         Ok(())
+    }
+}
+
+/// The sampler of one sequence, with its own scratch space: a [`Sequence`] stepped one row at a
+/// time, always with exact logprobs.
+#[derive(Debug, Clone)]
+pub struct SequenceSampler {
+    sequence: Sequence,
+    scratch: Scratch,
+}
+
+impl SequenceSampler {
+    pub fn new(config: SamplerConfig) -> Result<Self, SamplerError> {
+        let config = SamplerConfig { logprobs: true, ..config };
+        Ok(Self {
+            sequence: Sequence::new(&config)?,
+            scratch: Scratch::default(),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.sequence.params.vocab_size
+    }
+
+    pub fn generated(&self) -> usize {
+        self.sequence.state.generated()
+    }
+
+    pub fn state(&self) -> &SequenceState {
+        &self.sequence.state
+    }
+
+    pub fn record(&mut self, token: i64) -> Result<(), SamplerError> {
+        self.sequence.record(token)
     }
 
     /// Chooses the next token (see the module documentation for the exact steps) and records it.
     /// On error nothing changes: the history and the random stream are as before.
     pub fn sample(&mut self, logits: &[f32]) -> Result<Sample, SamplerError> {
-        if logits.len() != self.vocab_size {
-            return Err(SamplerError::Length {
-                expected: self.vocab_size,
-                got: logits.len(),
-            });
-        }
-        let raw = scan_raw(logits, self.top_logprobs, &mut self.scratch.top)?;
-        let log_z = log_normalizer(logits, raw.max);
-
-        let adjusted = !self.logit_bias.is_empty() || self.plan.penalised;
-        let token = if self.plan.greedy && !adjusted {
-            raw.argmax
-        } else {
-            self.fill_adjusted(logits);
-            if self.plan.greedy {
-                argmax(&self.scratch.values).ok_or(SamplerError::AllImpossible)?
-            } else {
-                self.draw()?
-            }
-        };
-
-        self.state.record(token as u32);
-        let logprob_of = |id: u32, logit: f32| (id, f64::from(logit) - log_z);
-        let top_logprobs = self
-            .scratch
-            .top
-            .iter()
-            .map(|&(id, x)| logprob_of(id, x))
-            .collect();
+        let pending = self
+            .sequence
+            .choose(logits, None, &mut self.scratch, LogprobPrecision::Exact)?;
+        self.sequence.commit(&pending);
         Ok(Sample {
-            token: token as u32,
-            logprob: f64::from(logits[token]) - log_z,
-            top_logprobs,
+            token: pending.token,
+            logprob: pending.logprob,
+            top_logprobs: self.scratch.top_logprobs.clone(),
         })
     }
-
-    /// Steps 2 and 3: `scratch.values` = logits + bias - penalties.
-    fn fill_adjusted(&mut self, logits: &[f32]) {
-        let values = &mut self.scratch.values;
-        values.clear();
-        values.extend(logits.iter().map(|&x| f64::from(x)));
-        // Ids were checked against the vocabulary size, which is `logits.len()`.
-        for &(id, bias) in &self.logit_bias {
-            values[id as usize] += bias;
-        }
-        if self.plan.penalised {
-            for (&id, &count) in &self.state.counts {
-                values[id as usize] -=
-                    self.frequency_penalty * f64::from(count) + self.presence_penalty;
-            }
-        }
-    }
-
-    /// Steps 4 to 6 on `scratch.values`, for a temperature that is not greedy.
-    fn draw(&mut self) -> Result<usize, SamplerError> {
-        let Scratch { values, order, .. } = &mut self.scratch;
-        let mut max = f64::NEG_INFINITY;
-        for v in values.iter_mut() {
-            *v /= self.temperature;
-            max = max.max(*v);
-        }
-        if max == f64::NEG_INFINITY {
-            return Err(SamplerError::AllImpossible);
-        }
-        let mut total = 0.0;
-        for v in values.iter_mut() {
-            *v = (*v - max).exp();
-            total += *v;
-        }
-        let weights: &[f64] = values;
-        let u = self.rng.next_uniform();
-        let chosen = if self.plan.nucleus {
-            let kept = nucleus(weights, total, self.top_p, order);
-            draw_in_id_order(weights, kept.iter().map(|&id| id as usize), u)
-        } else {
-            draw_in_id_order(weights, 0..weights.len(), u)
-        };
-        // The token of the maximum has weight exactly 1, so some token is always chosen.
-        chosen.ok_or(SamplerError::AllImpossible)
-    }
-}
-
-/// What the raw scan learned; the top logprob candidates are left in the scratch buffer.
-struct RawScan {
-    max: f32,
-    argmax: usize,
-}
-
-/// Step 1. `top` receives the `k` best `(id, logit)` pairs, best first, ties by lower id.
-fn scan_raw(logits: &[f32], k: usize, top: &mut Vec<(u32, f32)>) -> Result<RawScan, SamplerError> {
-    top.clear();
-    let mut max = f32::NEG_INFINITY;
-    let mut argmax = 0;
-    for (j, &x) in logits.iter().enumerate() {
-        if x.is_nan() || x == f32::INFINITY {
-            return Err(SamplerError::NonFiniteLogit { token: j, value: x });
-        }
-        // Strictly greater: the lowest id wins a tie.
-        if x > max {
-            max = x;
-            argmax = j;
-        }
-        if k > 0 {
-            offer_top(top, k, j as u32, x);
-        }
-    }
-    if max == f32::NEG_INFINITY {
-        return Err(SamplerError::AllImpossible);
-    }
-    Ok(RawScan { max, argmax })
-}
-
-/// Keeps `top` as the `k` best pairs seen so far. Ids arrive in increasing order, so a newcomer
-/// that ties the worst kept value loses, and one that ties others goes after them.
-fn offer_top(top: &mut Vec<(u32, f32)>, k: usize, id: u32, x: f32) {
-    if top.len() == k {
-        match top.last() {
-            Some(&(_, worst)) if x > worst => {
-                top.pop();
-            }
-            _ => return,
-        }
-    }
-    let at = top.iter().position(|&(_, y)| y < x).unwrap_or(top.len());
-    top.insert(at, (id, x));
-}
-
-/// `log(sum(exp(logits)))`, shifted by the maximum so that no term overflows; summed in id order.
-fn log_normalizer(logits: &[f32], max: f32) -> f64 {
-    let max = f64::from(max);
-    let sum = logits
-        .iter()
-        .fold(0.0, |acc, &x| acc + (f64::from(x) - max).exp());
-    max + sum.ln()
-}
-
-/// The first index of the maximum, or `None` when every value is -inf.
-fn argmax(values: &[f64]) -> Option<usize> {
-    let mut best = None;
-    let mut max = f64::NEG_INFINITY;
-    for (j, &v) in values.iter().enumerate() {
-        if v > max {
-            max = v;
-            best = Some(j);
-        }
-    }
-    best
-}
-
-/// Step 5. Leaves the kept ids, in increasing order, at the front of `order` and returns them.
-fn nucleus<'a>(weights: &[f64], total: f64, top_p: f64, order: &'a mut Vec<u32>) -> &'a [u32] {
-    order.clear();
-    order.extend((0..weights.len() as u32).filter(|&id| weights[id as usize] > 0.0));
-    let heavier_first = |a: &u32, b: &u32| -> Ordering {
-        weights[*b as usize]
-            .total_cmp(&weights[*a as usize])
-            .then(a.cmp(b))
-    };
-    let threshold = top_p * total;
-    let mut kept = order.len();
-    let mut sorted = 0;
-    let mut chunk = FIRST_NUCLEUS_CHUNK;
-    let mut mass = 0.0;
-    'chunks: while sorted < order.len() {
-        let rest = &mut order[sorted..];
-        let take = chunk.min(rest.len());
-        if take < rest.len() {
-            rest.select_nth_unstable_by(take - 1, heavier_first);
-        }
-        rest[..take].sort_unstable_by(heavier_first);
-        for (i, &id) in rest[..take].iter().enumerate() {
-            mass += weights[id as usize];
-            if mass >= threshold {
-                kept = sorted + i + 1;
-                break 'chunks;
-            }
-        }
-        sorted += take;
-        chunk *= 2;
-    }
-    let kept = &mut order[..kept];
-    kept.sort_unstable();
-    kept
-}
-
-/// Step 6: inverse transform sampling over `ids` (increasing), `u` in `[0, 1)`.
-fn draw_in_id_order<I>(weights: &[f64], ids: I, u: f64) -> Option<usize>
-where
-    I: Iterator<Item = usize> + Clone,
-{
-    let total = ids.clone().fold(0.0, |acc, j| acc + weights[j]);
-    let target = u * total;
-    let mut mass = 0.0;
-    let mut last_possible = None;
-    for j in ids {
-        let w = weights[j];
-        if w > 0.0 {
-            mass += w;
-            last_possible = Some(j);
-            if mass > target {
-                return Some(j);
-            }
-        }
-    }
-    // Only reached when `u * total` rounded up to `total`.
-    last_possible
 }
 
 #[cfg(test)]

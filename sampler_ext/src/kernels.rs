@@ -1,0 +1,527 @@
+//! The passes over the vocabulary, written so that the compiler vectorises them.
+//!
+//! Everything the sampler does over all `V` logits is one of three kernels over a *block* of at most
+//! [`BLOCK`] logits: the maximum (with a check for NaN and +inf), the sum of `exp(x * scale - shift)`,
+//! and the same exponentials written out. The exponential is our own ([`exp_nonpositive`]): libm's
+//! `exp` is a call per element, which alone would cost a millisecond at `V = 262,144`.
+//!
+//! Each kernel is compiled twice, for AVX2 + FMA and for the x86-64 (or other) baseline, and
+//! [`Kernels::get`] picks one at run time. The two give results that differ only in the last bit
+//! of an exponential, like two libms; one process always uses the same one.
+
+use std::sync::OnceLock;
+
+/// Logits are handled in blocks of this many; per-block maxima and sums let later stages skip most
+/// of the vocabulary (1,024 blocks at `V = 262,144`).
+pub const BLOCK: usize = 256;
+
+/// Lanes of the accumulators: eight independent sums keep the adds from waiting on each other.
+const LANES: usize = 8;
+
+/// The kernels of one instruction set.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    /// `(max, any NaN or +inf)` of a block; the maximum of an all `-inf` block is `-inf`.
+    pub max_and_bad: fn(&[f32]) -> (f32, bool),
+    /// `sum(exp(f64(x) * scale - shift))` over a block, for `x * scale - shift <= 0`.
+    pub exp_sum: fn(&[f32], f64, f64) -> f64,
+    /// `out[i] = exp(f64(x[i]) * scale - shift)`.
+    pub exp_into: fn(&[f32], f64, f64, &mut [f64]),
+    /// `z[i] = exp(z[i])` in place, for `z[i] <= 0`.
+    pub exp_in_place: fn(&mut [f64]),
+    /// `out[j] = x[j]` where bit `j % 32` of `mask[j / 32]` is set, else `-inf`.
+    pub apply_mask: fn(&[f32], &[u32], &mut [f32]),
+    /// The fast, f32 version of `exp_sum` (see [`FastSum`]).
+    pub fast_exp_sum: fn(&[f32], FastShift) -> FastSum,
+    pub name: &'static str,
+}
+
+impl Kernels {
+    /// The fastest kernels this CPU can run, chosen once per process.
+    pub fn get() -> &'static Kernels {
+        static CHOSEN: OnceLock<Kernels> = OnceLock::new();
+        CHOSEN.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return avx2::KERNELS;
+            }
+            Self::BASELINE
+        })
+    }
+
+    /// The kernels without any optional instruction set (tests hold both sets to libm).
+    pub const BASELINE: Kernels = Kernels {
+        max_and_bad: max_and_bad::<Separate>,
+        exp_sum: exp_sum::<Separate>,
+        exp_into: exp_into::<Separate>,
+        exp_in_place: exp_in_place::<Separate>,
+        fast_exp_sum: fast_exp_sum::<Separate>,
+        apply_mask,
+        name: "baseline",
+    };
+
+    /// `exp(z)` for one `z <= 0`, with the same arithmetic as the block kernels.
+    pub fn exp(&self, z: f64) -> f64 {
+        let mut one = [z];
+        (self.exp_in_place)(&mut one);
+        one[0]
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+
+    // SAFETY (all four): `Kernels::get` hands these out only after `is_x86_feature_detected!` has
+    // confirmed AVX2 and FMA, which is all that `#[target_feature]` requires of the caller.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn max_and_bad_avx2(x: &[f32]) -> (f32, bool) {
+        max_and_bad::<Fused>(x)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_sum_avx2(x: &[f32], scale: f64, shift: f64) -> f64 {
+        exp_sum::<Fused>(x, scale, shift)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_into_avx2(x: &[f32], scale: f64, shift: f64, out: &mut [f64]) {
+        exp_into::<Fused>(x, scale, shift, out)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn apply_mask_avx2(x: &[f32], mask: &[u32], out: &mut [f32]) {
+        apply_mask(x, mask, out)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_in_place_avx2(z: &mut [f64]) {
+        exp_in_place::<Fused>(z)
+    }
+    /// The f32 pass written with intrinsics (the compiler does not vectorise the generic one):
+    /// the same arithmetic as [`exp32_nonpositive`], eight lanes at a time.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fast_exp_sum_avx2(x: &[f32], shift: FastShift) -> FastSum {
+        use std::arch::x86_64::*;
+        let FastShift { reference, scale, offset } = shift;
+        let chunks = x.chunks_exact(32);
+        let tail = fast_exp_sum::<Fused>(chunks.remainder(), shift);
+        let (reference, scale, offset) =
+            (_mm256_set1_ps(reference), _mm256_set1_ps(scale), _mm256_set1_ps(offset));
+        let floor = _mm256_set1_ps(-87.0);
+        let round = _mm256_set1_ps(12_582_912.0);
+        let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
+        let (ln2_hi, ln2_lo) = (_mm256_set1_ps(-0.693_359_375), _mm256_set1_ps(2.121_944_4e-4));
+        let bias = _mm256_set1_ps(127.0 + 12_582_912.0);
+        let round_bits = _mm256_castps_si256(round);
+        let coefficients = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32];
+        let exp8 = |v: __m256, sum_wz: &mut __m256| {
+            let z = _mm256_fmadd_ps(_mm256_sub_ps(v, reference), scale, offset);
+            let zc = _mm256_max_ps(z, floor);
+            let n = _mm256_sub_ps(_mm256_fmadd_ps(zc, log2e, round), round);
+            let r = _mm256_fmadd_ps(n, ln2_lo, _mm256_fmadd_ps(n, ln2_hi, zc));
+            let mut p = _mm256_set1_ps(1.0 / 5_040.0);
+            for c in coefficients {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            let exponent = _mm256_slli_epi32::<23>(_mm256_sub_epi32(
+                _mm256_castps_si256(_mm256_add_ps(n, bias)),
+                round_bits,
+            ));
+            let w = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+            let w = _mm256_and_ps(w, _mm256_cmp_ps::<_CMP_GT_OQ>(z, floor));
+            *sum_wz = _mm256_fnmadd_ps(w, zc, *sum_wz);
+            w
+        };
+        let mut sum = [_mm256_setzero_pd(); 2];
+        let mut sum_wz = [_mm256_setzero_ps(); 2];
+        for chunk in chunks {
+            let p = chunk.as_ptr();
+            let w0 = exp8(_mm256_loadu_ps(p), &mut sum_wz[0]);
+            let w1 = exp8(_mm256_loadu_ps(p.add(8)), &mut sum_wz[1]);
+            let w2 = exp8(_mm256_loadu_ps(p.add(16)), &mut sum_wz[0]);
+            let w3 = exp8(_mm256_loadu_ps(p.add(24)), &mut sum_wz[1]);
+            // Four weights per lane in f32 (two roundings, within the error bound), then f64.
+            let w = _mm256_add_ps(_mm256_add_ps(w0, w1), _mm256_add_ps(w2, w3));
+            sum[0] = _mm256_add_pd(sum[0], _mm256_cvtps_pd(_mm256_castps256_ps128(w)));
+            sum[1] = _mm256_add_pd(sum[1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w)));
+        }
+        let sum_wz = _mm256_add_ps(sum_wz[0], sum_wz[1]);
+        let mut lanes = [0.0f64; 8];
+        _mm256_storeu_pd(lanes.as_mut_ptr(), sum[0]);
+        _mm256_storeu_pd(lanes[4..].as_mut_ptr(), sum[1]);
+        let mut lanes_wz = [0.0f32; 8];
+        _mm256_storeu_ps(lanes_wz.as_mut_ptr(), sum_wz);
+        tail.add(FastSum {
+            sum: ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])),
+            sum_wz: lanes_wz.iter().map(|&v| f64::from(v)).sum(),
+        })
+    }
+
+    pub const KERNELS: Kernels = Kernels {
+        max_and_bad: |x| unsafe { max_and_bad_avx2(x) },
+        exp_sum: |x, scale, shift| unsafe { exp_sum_avx2(x, scale, shift) },
+        exp_into: |x, scale, shift, out| unsafe { exp_into_avx2(x, scale, shift, out) },
+        exp_in_place: |z| unsafe { exp_in_place_avx2(z) },
+        fast_exp_sum: |x, shift| unsafe { fast_exp_sum_avx2(x, shift) },
+        apply_mask: |x, mask, out| unsafe { apply_mask_avx2(x, mask, out) },
+        name: "avx2+fma",
+    };
+}
+
+/// How `a * b + c` is computed: fused (one rounding, one instruction with FMA) or as written.
+trait MulAdd {
+    fn mul_add(a: f64, b: f64, c: f64) -> f64;
+    fn mul_add32(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// Only used where FMA is enabled: elsewhere `f64::mul_add` is a slow software call.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Fused;
+struct Separate;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f64, b: f64, c: f64) -> f64 {
+        a.mul_add(b, c)
+    }
+    #[inline(always)]
+    fn mul_add32(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f64, b: f64, c: f64) -> f64 {
+        a * b + c
+    }
+    #[inline(always)]
+    fn mul_add32(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// `exp(z)` for `z <= 0` (or `-inf`), within about one ulp of the correctly rounded value; `exp(0)`
+/// is exactly 1. Branch-free so that a loop over it vectorises.
+///
+/// `z = n ln2 + r` with `|r| <= ln2 / 2` (Cody and Waite: `n * LN2_HI` is exact), `exp(r)` by its
+/// Taylor series to degree 13 (truncation below 2^-57), and `2^n` built in the exponent bits in two
+/// halves, so that results down to the smallest subnormal come out without a special case.
+#[inline(always)]
+fn exp_nonpositive<M: MulAdd>(z: f64) -> f64 {
+    const LOG2_E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    // Adding 1.5 * 2^52 rounds to an integer and leaves it in the low mantissa bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    const TWO_52: f64 = 4_503_599_627_370_496.0;
+    const INV_FACTORIALS: [f64; 14] = [
+        1.0,
+        1.0,
+        1.0 / 2.0,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5_040.0,
+        1.0 / 40_320.0,
+        1.0 / 362_880.0,
+        1.0 / 3_628_800.0,
+        1.0 / 39_916_800.0,
+        1.0 / 479_001_600.0,
+        1.0 / 6_227_020_800.0,
+    ];
+    // exp(-1100) is 0 in f64; clamping also maps -inf (and NaN) to a finite input.
+    let z = if z > -1100.0 { z } else { -1100.0 };
+    let n = (z * LOG2_E + ROUND) - ROUND;
+    let r = M::mul_add(n, -LN2_LO, M::mul_add(n, -LN2_HI, z));
+    let mut p = INV_FACTORIALS[13];
+    for &c in INV_FACTORIALS[..13].iter().rev() {
+        p = M::mul_add(p, r, c);
+    }
+    // n is in [-1587, 0]: split it so that both halves are normal exponents.
+    let half = (n * 0.5 + ROUND) - ROUND;
+    let rest = n - half;
+    let pow2 = |k: f64| f64::from_bits(((k + (1023.0 + TWO_52)).to_bits() - TWO_52.to_bits()) << 52);
+    p * pow2(half) * pow2(rest)
+}
+
+/// `z = (x - reference) * scale + offset`, all in f32: the exact weight of `x` is
+/// `exp(f64(x) * s - m)`, and the caller picks `reference` (a logit) and `offset = reference * s - m`
+/// so that `z` stays small where it matters (see [`FastSum::error_bound`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FastShift {
+    pub reference: f32,
+    pub scale: f32,
+    pub offset: f32,
+}
+
+/// What the fast pass found: `sum` of the weights and `sum_wz`, the sum of `weight * |z|`, which
+/// bounds how far `sum` can be from the exact (f64) sum.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FastSum {
+    pub sum: f64,
+    pub sum_wz: f64,
+}
+
+impl FastSum {
+    pub fn add(self, other: FastSum) -> FastSum {
+        FastSum {
+            sum: self.sum + other.sum,
+            sum_wz: self.sum_wz + other.sum_wz,
+        }
+    }
+
+    /// A bound on `|sum - exact sum|` over `n` logits, for the shift's `|offset|`.
+    ///
+    /// Per weight, `z` carries three f32 roundings (`x - reference`, the product, the offset) of at
+    /// most `2^-24 (|z| + |offset|)` each and the f32 exponential is within `2^-22` relative (tests
+    /// check 2^-23), so a weight is within `w * 2^-21 * (1 + |z| + |offset|)` of the exact one;
+    /// `2^-19` gives a factor of four to spare. Weights below 2^-125 are taken as 0.
+    pub fn error_bound(&self, offset: f32, n: usize) -> f64 {
+        const REL: f64 = 1.0 / (1u64 << 19) as f64;
+        REL * (self.sum * (1.0 + f64::from(offset.abs())) + self.sum_wz) + n as f64 * 1e-37
+    }
+}
+
+/// `exp(z)` in f32 for `z <= 0`, within 2^-23 relative for `z >= -87`, and 0 below (where the
+/// result would be under 2^-125).
+#[inline(always)]
+fn exp32_nonpositive<M: MulAdd>(z: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let zc = if z > -87.0 { z } else { -87.0 };
+    let n = (zc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = M::mul_add32(n, -LN2_LO, M::mul_add32(n, -LN2_HI, zc));
+    let mut p = 1.0 / 5_040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = M::mul_add32(p, r, c);
+    }
+    // n is in [-126, 0], a normal exponent.
+    let pow2 = f32::from_bits(((n + (127.0 + ROUND)).to_bits() - ROUND.to_bits()) << 23);
+    if z > -87.0 { p * pow2 } else { 0.0 }
+}
+
+#[inline(always)]
+fn fast_exp_sum<M: MulAdd>(x: &[f32], shift: FastShift) -> FastSum {
+    let FastShift { reference, scale, offset } = shift;
+    // Two plain loops over a buffer in L1 rather than one fused loop: the compiler vectorises these.
+    let mut w = [0.0f32; BLOCK];
+    let mut wz = [0.0f32; BLOCK];
+    let mut total = FastSum::default();
+    for part in x.chunks(BLOCK) {
+        let (w, wz) = (&mut w[..part.len()], &mut wz[..part.len()]);
+        for ((w, wz), &v) in w.iter_mut().zip(wz.iter_mut()).zip(part) {
+            let z = M::mul_add32(v - reference, scale, offset);
+            *w = exp32_nonpositive::<M>(z);
+            // Clamped like the exponential's input, so that `0 * -inf` never makes a NaN.
+            *wz = *w * -(if z > -87.0 { z } else { -87.0 });
+        }
+        let mut acc = [0.0f64; LANES];
+        let mut acc_wz = [0.0f32; LANES];
+        let (chunks, chunks_wz) = (w.chunks_exact(LANES), wz.chunks_exact(LANES));
+        for (c, cz) in chunks.clone().zip(chunks_wz.clone()) {
+            for l in 0..LANES {
+                acc[l] += f64::from(c[l]);
+                acc_wz[l] += cz[l];
+            }
+        }
+        for (l, (&v, &vz)) in chunks.remainder().iter().zip(chunks_wz.remainder()).enumerate() {
+            acc[l] += f64::from(v);
+            acc_wz[l] += vz;
+        }
+        total = total.add(FastSum {
+            sum: ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])),
+            sum_wz: acc_wz.iter().map(|&v| f64::from(v)).sum(),
+        });
+    }
+    total
+}
+
+#[inline(always)]
+fn apply_mask(x: &[f32], mask: &[u32], out: &mut [f32]) {
+    // One constant per lane, so that the loop is a vector AND, compare and blend.
+    const BITS: [u32; 32] = {
+        let mut bits = [0; 32];
+        let mut i = 0;
+        while i < 32 {
+            bits[i] = 1 << i;
+            i += 1;
+        }
+        bits
+    };
+    let full = x.len() / 32;
+    for ((out, x), &word) in out.chunks_exact_mut(32).zip(x.chunks_exact(32)).zip(mask) {
+        for i in 0..32 {
+            out[i] = if word & BITS[i] != 0 { x[i] } else { f32::NEG_INFINITY };
+        }
+    }
+    for i in 0..x.len() % 32 {
+        let j = full * 32 + i;
+        out[j] = if mask[full] & BITS[i] != 0 { x[j] } else { f32::NEG_INFINITY };
+    }
+}
+
+#[inline(always)]
+fn max_and_bad<M: MulAdd>(x: &[f32]) -> (f32, bool) {
+    let mut max = [f32::NEG_INFINITY; LANES];
+    // NaN and +inf are exactly the values that are not below +inf.
+    let mut bad = [false; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..LANES {
+            let v = chunk[l];
+            max[l] = if v > max[l] { v } else { max[l] };
+            bad[l] |= !(v < f32::INFINITY);
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        max[l] = if v > max[l] { v } else { max[l] };
+        bad[l] |= !(v < f32::INFINITY);
+    }
+    let m = max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    (m, bad.iter().any(|&b| b))
+}
+
+#[inline(always)]
+fn exp_sum<M: MulAdd>(x: &[f32], scale: f64, shift: f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..LANES {
+            acc[l] += exp_nonpositive::<M>(f64::from(chunk[l]) * scale - shift);
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        acc[l] += exp_nonpositive::<M>(f64::from(v) * scale - shift);
+    }
+    // Pairwise, in a fixed order.
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+#[inline(always)]
+fn exp_into<M: MulAdd>(x: &[f32], scale: f64, shift: f64, out: &mut [f64]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = exp_nonpositive::<M>(f64::from(v) * scale - shift);
+    }
+}
+
+#[inline(always)]
+fn exp_in_place<M: MulAdd>(z: &mut [f64]) {
+    for v in z.iter_mut() {
+        *v = exp_nonpositive::<M>(*v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_kernels() -> Vec<Kernels> {
+        vec![Kernels::BASELINE, *Kernels::get()]
+    }
+
+    fn ulps(a: f64, b: f64) -> u64 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs()
+    }
+
+    #[test]
+    fn exp_is_within_two_ulps_of_libm() {
+        for k in all_kernels() {
+            let mut z = -745.0;
+            while z <= 0.0 {
+                let (ours, libm) = (k.exp(z), z.exp());
+                if libm > f64::MIN_POSITIVE {
+                    assert!(ulps(ours, libm) <= 2, "{} exp({z}) = {ours}, libm {libm}", k.name);
+                } else {
+                    assert!((ours - libm).abs() <= 4.0 * f64::from_bits(1), "{} at {z}", k.name);
+                }
+                z += 0.000_917;
+            }
+        }
+    }
+
+    #[test]
+    fn exp_edge_values() {
+        for k in all_kernels() {
+            assert_eq!(k.exp(0.0), 1.0);
+            assert_eq!(k.exp(-0.0), 1.0);
+            assert_eq!(k.exp(f64::NEG_INFINITY), 0.0);
+            assert_eq!(k.exp(-1e300), 0.0);
+            assert_eq!(k.exp(-746.0), 0.0);
+            assert!(k.exp(-745.0) > 0.0);
+        }
+    }
+
+    #[test]
+    fn block_kernels_agree_with_scalar_code() {
+        let x: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 * -0.037).collect();
+        for k in all_kernels() {
+            for len in [0, 1, 7, 8, 9, 255, 256, 1000] {
+                let block = &x[..len];
+                let (max, bad) = (k.max_and_bad)(block);
+                assert!(!bad);
+                assert_eq!(max, block.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+                let sum = (k.exp_sum)(block, 0.8, -0.5);
+                let mut out = vec![0.0; len];
+                (k.exp_into)(block, 0.8, -0.5, &mut out);
+                let libm: f64 = block.iter().map(|&v| (f64::from(v) * 0.8 + 0.5).exp()).sum();
+                let ours: f64 = out.iter().sum();
+                assert!((sum - libm).abs() <= 1e-13 * libm.max(1.0), "{} {len}", k.name);
+                assert!((ours - libm).abs() <= 1e-13 * libm.max(1.0), "{} {len}", k.name);
+            }
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_within_its_bound() {
+        for k in all_kernels() {
+            let mut z = -86.9f32;
+            let mut worst = 0.0f64;
+            while z <= 0.0 {
+                let mut buf = [0.0f32; 16];
+                buf[3] = z;
+                let fast = (k.fast_exp_sum)(&buf[3..4], FastShift { reference: 0.0, scale: 1.0, offset: 0.0 });
+                let exact = f64::from(z).exp();
+                worst = worst.max((fast.sum - exact).abs() / exact);
+                z += 0.000_37;
+            }
+            assert!(worst < 1.0 / (1u64 << 23) as f64, "{} worst {worst}", k.name);
+        }
+    }
+
+    #[test]
+    fn fast_sums_are_within_their_error_bound() {
+        let x: Vec<f32> = (0..4099).map(|i| ((i * 7919) % 4099) as f32 * -0.011 + 31.7).collect();
+        for k in all_kernels() {
+            for (scale, m) in [(1.0f64, 31.7f64), (1.25, 39.9), (0.5, 15.0), (10.0, 400.0)] {
+                let reference = 31.7f32;
+                let offset = (f64::from(reference) * scale - m) as f32;
+                let shift = FastShift { reference, scale: scale as f32, offset };
+                let fast = x.chunks(BLOCK).map(|b| (k.fast_exp_sum)(b, shift)).fold(FastSum::default(), FastSum::add);
+                let exact: f64 = x.iter().map(|&v| (f64::from(v) * scale - m).exp()).sum();
+                let bound = fast.error_bound(offset, x.len());
+                assert!((fast.sum - exact).abs() <= bound, "{} {scale}: {} vs {exact}, bound {bound}", k.name, fast.sum);
+                assert!(bound < 1e-4 * exact.max(1e-30) + 1e-30, "bound too loose: {bound} for {exact}");
+            }
+        }
+    }
+
+    #[test]
+    fn nan_and_plus_infinity_are_bad_minus_infinity_is_not() {
+        for k in all_kernels() {
+            for len in [1, 8, 13, 256] {
+                for at in [0, len / 2, len - 1] {
+                    for (value, expect_bad) in
+                        [(f32::NAN, true), (f32::INFINITY, true), (f32::NEG_INFINITY, false)]
+                    {
+                        let mut x = vec![-1.0f32; len];
+                        x[at] = value;
+                        assert_eq!((k.max_and_bad)(&x).1, expect_bad, "{} {len} {at} {value}", k.name);
+                    }
+                }
+            }
+            assert_eq!((k.max_and_bad)(&[f32::NEG_INFINITY; 9]).0, f32::NEG_INFINITY);
+        }
+    }
+}

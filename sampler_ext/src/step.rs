@@ -1,0 +1,673 @@
+//! One sampling step of one row, stage by stage, in the order listed in `sampler.rs`.
+//!
+//! Nothing here runs per token over the vocabulary except three vectorised passes: the raw scan
+//! (block maxima), the fast f32 weight sums, and, with logprobs, the normaliser. Bias and penalties
+//! touch only their own tokens; top-p and top logprobs look only at the blocks whose maximum can
+//! matter. Where a fast f32 sum could decide a draw differently from exact arithmetic (the draw
+//! lands within the sum's error bound of a boundary), the decision is redone with exact f64 sums.
+
+use std::cmp::Ordering;
+
+use crate::error::SamplerError;
+use crate::kernels::{FastShift, FastSum, Kernels, BLOCK};
+use crate::rng::SequenceRng;
+use crate::sampler::{Params, SequenceState};
+
+/// Top-p looks first at tokens within `e^LEVEL` of the heaviest, widening while they do not reach
+/// `top_p` of the mass.
+const NUCLEUS_LEVELS: [f64; 6] = [-4.0, -8.0, -16.0, -32.0, -64.0, f64::NEG_INFINITY];
+
+/// Candidates of top-p are sorted, heaviest first, in chunks of this size, doubling each time, so
+/// that a peaked distribution (the usual case) sorts a few dozen tokens.
+const FIRST_NUCLEUS_CHUNK: usize = 64;
+
+/// A token whose value bias, penalties or a mask changed; its weight is computed apart, exactly.
+#[derive(Debug, Clone, Copy)]
+struct Touched {
+    id: u32,
+    /// `logit + bias - penalties`, or `-inf` when the mask forbids it.
+    value: f64,
+    weight: f64,
+}
+
+/// Buffers kept between steps, so that a step allocates nothing once they have grown.
+#[derive(Debug, Clone, Default)]
+pub struct Scratch {
+    raw_max: Vec<f32>,
+    effective_max: Vec<f32>,
+    fast_sums: Vec<FastSum>,
+    /// Fast block sums plus the touched weights of the block.
+    block_totals: Vec<f64>,
+    exact_sums: Vec<f64>,
+    touched: Vec<Touched>,
+    candidates: Vec<(u32, f64)>,
+    patch: Vec<f32>,
+    /// The row with the mask applied (forbidden tokens at `-inf`), when there is a mask.
+    masked: Vec<f32>,
+    weights: Vec<f64>,
+    top: Vec<(u32, f32)>,
+    /// The top logprobs of the last step, `(token, raw logprob)`, most likely first.
+    pub top_logprobs: Vec<(u32, f64)>,
+}
+
+/// The outcome of a step, not yet applied to the sequence (see [`crate::sampler::Sequence::commit`]).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub token: u32,
+    /// Raw logprob of the token; NaN when the sequence asked for no logprobs.
+    pub logprob: f64,
+    /// The random stream after the draw; `None` when nothing was drawn (greedy).
+    pub rng: Option<SequenceRng>,
+}
+
+/// How exactly the normaliser of the logprobs is summed: `Exact` (f64 exponentials, for callers
+/// that report f64) or `Fast` (the f32 pass, within ~1e-6; for float32 results).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobPrecision {
+    Exact,
+    Fast,
+}
+
+/// Number of `u32` words in a row of the allowed-token bitmask.
+pub fn mask_words(vocab_size: usize) -> usize {
+    vocab_size.div_ceil(32)
+}
+
+/// The whole step. On error the sequence is untouched (nothing here mutates it).
+pub fn choose(
+    params: &Params,
+    state: &SequenceState,
+    rng: &SequenceRng,
+    logits: &[f32],
+    mask: Option<&[u32]>,
+    scratch: &mut Scratch,
+    precision: LogprobPrecision,
+) -> Result<Pending, SamplerError> {
+    let k = Kernels::get();
+    let vocab = params.vocab_size;
+    if logits.len() != vocab {
+        return Err(SamplerError::Length { expected: vocab, got: logits.len() });
+    }
+    if let Some(mask) = mask {
+        if mask.len() != mask_words(vocab) {
+            return Err(SamplerError::MaskLength { expected: mask_words(vocab), got: mask.len() });
+        }
+    }
+    scratch.patch.resize(BLOCK, 0.0);
+    scratch.weights.resize(BLOCK, 0.0);
+
+    // 1. Raw scan.
+    let max = scan(logits, &mut scratch.raw_max, k)?;
+
+    // 2. Logprobs, of the raw logits.
+    let wants_logprobs = params.logprobs || params.top_logprobs > 0;
+    let log_z = if wants_logprobs {
+        log_normalizer(logits, max, precision, k)
+    } else {
+        f64::NAN
+    };
+    top_raw(logits, &scratch.raw_max, params.top_logprobs.min(vocab), &mut scratch.top);
+    scratch.top_logprobs.clear();
+    scratch
+        .top_logprobs
+        .extend(scratch.top.iter().map(|&(id, x)| (id, f64::from(x) - log_z)));
+
+    // 3.-5. Mask, bias and penalties, only on the tokens they touch.
+    let mask = mask.filter(|m| !allows_everything(m, vocab));
+    fill_touched(params, state, logits, mask, &mut scratch.touched);
+
+    let (token, rng) = if params.greedy && scratch.touched.is_empty() && mask.is_none() {
+        (raw_argmax(logits, &scratch.raw_max, max), None)
+    } else {
+        // With a mask, the later passes read the masked row, built once.
+        let mut masked = std::mem::take(&mut scratch.masked);
+        let base = match mask {
+            Some(mask) => {
+                masked.resize(logits.len(), 0.0);
+                (k.apply_mask)(logits, mask, &mut masked);
+                &masked[..]
+            }
+            None => logits,
+        };
+        let result = choose_adjusted(params, base, mask.is_some(), scratch, rng, k);
+        scratch.masked = masked;
+        result?
+    };
+    let logprob = if wants_logprobs {
+        f64::from(logits[token as usize]) - log_z
+    } else {
+        f64::NAN
+    };
+    Ok(Pending { token, logprob, rng })
+}
+
+/// Steps 6 to 8 on `base`, the row with masked tokens at `-inf`.
+fn choose_adjusted(
+    params: &Params,
+    base: &[f32],
+    masked: bool,
+    scratch: &mut Scratch,
+    rng: &SequenceRng,
+    k: &Kernels,
+) -> Result<(u32, Option<SequenceRng>), SamplerError> {
+    let untouched_max = effective_maxima(base, masked, scratch, k);
+    if params.greedy {
+        Ok((greedy(base, masked, scratch, untouched_max)?, None))
+    } else {
+        let mut rng = rng.clone();
+        let token = draw(params, base, masked, scratch, untouched_max, &mut rng, k)?;
+        Ok((token, Some(rng)))
+    }
+}
+
+/// Step 1: block maxima of the raw logits; refuses NaN, +inf and an all `-inf` row.
+fn scan(logits: &[f32], raw_max: &mut Vec<f32>, k: &Kernels) -> Result<f32, SamplerError> {
+    raw_max.clear();
+    let mut bad = false;
+    for block in logits.chunks(BLOCK) {
+        let (m, b) = (k.max_and_bad)(block);
+        raw_max.push(m);
+        bad |= b;
+    }
+    if bad {
+        // Rare: find the first offender for the message.
+        if let Some((token, &value)) =
+            logits.iter().enumerate().find(|(_, &x)| x.is_nan() || x == f32::INFINITY)
+        {
+            return Err(SamplerError::NonFiniteLogit { token, value });
+        }
+    }
+    let max = raw_max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    if max == f32::NEG_INFINITY {
+        return Err(SamplerError::AllImpossible);
+    }
+    Ok(max)
+}
+
+/// Step 2: `log(sum(exp(logits)))`, shifted by the maximum so that no term overflows.
+fn log_normalizer(logits: &[f32], max: f32, precision: LogprobPrecision, k: &Kernels) -> f64 {
+    let sum: f64 = match precision {
+        LogprobPrecision::Exact => logits.chunks(BLOCK).map(|b| (k.exp_sum)(b, 1.0, f64::from(max))).sum(),
+        LogprobPrecision::Fast => {
+            let shift = FastShift { reference: max, scale: 1.0, offset: 0.0 };
+            logits.chunks(BLOCK).map(|b| (k.fast_exp_sum)(b, shift).sum).sum()
+        }
+    };
+    f64::from(max) + sum.ln()
+}
+
+/// The `k` best `(id, raw logit)` pairs, best first, ties by lower id. Only blocks whose maximum
+/// reaches the `k`-th largest block maximum can hold one of them.
+fn top_raw(logits: &[f32], raw_max: &[f32], k: usize, top: &mut Vec<(u32, f32)>) {
+    top.clear();
+    if k == 0 {
+        return;
+    }
+    let threshold = if k >= raw_max.len() {
+        f32::NEG_INFINITY
+    } else {
+        let mut maxima = raw_max.to_vec();
+        let (_, kth, _) = maxima.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        *kth
+    };
+    for (b, &block_max) in raw_max.iter().enumerate() {
+        if block_max >= threshold {
+            let lo = b * BLOCK;
+            for (i, &x) in logits[lo..(lo + BLOCK).min(logits.len())].iter().enumerate() {
+                offer_top(top, k, (lo + i) as u32, x);
+            }
+        }
+    }
+}
+
+/// Keeps `top` as the `k` best pairs seen so far. Ids arrive in increasing order, so a newcomer
+/// that ties the worst kept value loses, and one that ties others goes after them.
+fn offer_top(top: &mut Vec<(u32, f32)>, k: usize, id: u32, x: f32) {
+    if top.len() == k {
+        match top.last() {
+            Some(&(_, worst)) if x > worst => {
+                top.pop();
+            }
+            _ => return,
+        }
+    }
+    let at = top.iter().position(|&(_, y)| y < x).unwrap_or(top.len());
+    top.insert(at, (id, x));
+}
+
+fn raw_argmax(logits: &[f32], raw_max: &[f32], max: f32) -> u32 {
+    // The scan found `max` in some block, so both searches succeed; the fallbacks are unreachable.
+    let b = raw_max.iter().position(|&m| m == max).unwrap_or(0);
+    let lo = b * BLOCK;
+    let i = logits[lo..].iter().position(|&x| x == max).unwrap_or(0);
+    (lo + i) as u32
+}
+
+fn is_allowed(mask: &[u32], id: usize) -> bool {
+    (mask[id / 32] >> (id % 32)) & 1 == 1
+}
+
+/// Whether the mask allows every token of `lo..hi` (`lo` a multiple of 32).
+fn allows_range(mask: &[u32], lo: usize, hi: usize) -> bool {
+    let (first, full_end) = (lo / 32, hi / 32);
+    if mask[first..full_end].iter().any(|&w| w != u32::MAX) {
+        return false;
+    }
+    let rest = hi % 32;
+    rest == 0 || mask[full_end] & ((1u32 << rest) - 1) == (1u32 << rest) - 1
+}
+
+fn allows_everything(mask: &[u32], vocab: usize) -> bool {
+    allows_range(mask, 0, vocab)
+}
+
+/// Steps 3 to 5 for the tokens they touch: `value = logit + bias - penalties` (the order and
+/// arithmetic of the first sampler), `-inf` where the mask forbids the token.
+fn fill_touched(
+    params: &Params,
+    state: &SequenceState,
+    logits: &[f32],
+    mask: Option<&[u32]>,
+    touched: &mut Vec<Touched>,
+) {
+    touched.clear();
+    let counts: &[(u32, u32)] = if params.penalised { state.counts() } else { &[] };
+    let bias = &params.logit_bias[..];
+    let (mut i, mut j) = (0, 0);
+    while i < bias.len() || j < counts.len() {
+        let id = match (bias.get(i), counts.get(j)) {
+            (Some(&(a, _)), Some(&(b, _))) => a.min(b),
+            (Some(&(a, _)), None) => a,
+            (None, Some(&(b, _))) => b,
+            (None, None) => break,
+        };
+        let mut value = f64::from(logits[id as usize]);
+        if let Some(&(_, b)) = bias.get(i).filter(|&&(a, _)| a == id) {
+            value += b;
+            i += 1;
+        }
+        if let Some(&(_, c)) = counts.get(j).filter(|&&(a, _)| a == id) {
+            value -= params.frequency_penalty * f64::from(c) + params.presence_penalty;
+            j += 1;
+        }
+        if mask.is_some_and(|m| !is_allowed(m, id as usize)) {
+            value = f64::NEG_INFINITY;
+        }
+        touched.push(Touched { id, value, weight: 0.0 });
+    }
+}
+
+/// The touched tokens of `..hi` from `cursor` on (they are sorted by id).
+fn touched_before<'a>(touched: &'a [Touched], cursor: &mut usize, hi: usize) -> &'a [Touched] {
+    let start = *cursor;
+    while *cursor < touched.len() && (touched[*cursor].id as usize) < hi {
+        *cursor += 1;
+    }
+    &touched[start..*cursor]
+}
+
+/// A block as the later stages see it: touched tokens set to `-inf` (their weights are handled
+/// apart). Copies into `patch` only when the block has touched tokens.
+fn effective_block<'a>(base: &'a [f32], b: usize, touched: &[Touched], patch: &'a mut [f32]) -> &'a [f32] {
+    let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(base.len()));
+    let block = &base[lo..hi];
+    if touched.is_empty() {
+        return block;
+    }
+    let patch = &mut patch[..block.len()];
+    patch.copy_from_slice(block);
+    for t in touched {
+        patch[t.id as usize - lo] = f32::NEG_INFINITY;
+    }
+    patch
+}
+
+/// Block maxima of the effective (untouched, allowed) logits; returns their maximum.
+fn effective_maxima(base: &[f32], masked: bool, scratch: &mut Scratch, k: &Kernels) -> f32 {
+    let Scratch { raw_max, effective_max, touched, patch, .. } = scratch;
+    effective_max.clear();
+    let mut cursor = 0;
+    for (b, &raw) in raw_max.iter().enumerate() {
+        let hi = ((b + 1) * BLOCK).min(base.len());
+        let in_block = touched_before(touched, &mut cursor, hi);
+        let m = if in_block.is_empty() && !masked {
+            raw
+        } else {
+            (k.max_and_bad)(effective_block(base, b, in_block, patch)).0
+        };
+        effective_max.push(m);
+    }
+    effective_max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+fn nothing_allowed(masked: bool) -> SamplerError {
+    if masked {
+        SamplerError::NothingAllowed
+    } else {
+        SamplerError::AllImpossible
+    }
+}
+
+/// Step 6, greedy: the highest value, ties to the lowest id.
+fn greedy(logits: &[f32], masked: bool, scratch: &mut Scratch, untouched_max: f32) -> Result<u32, SamplerError> {
+    let mut best: Option<(f64, u32)> = None;
+    if untouched_max > f32::NEG_INFINITY {
+        let b = scratch.effective_max.iter().position(|&m| m == untouched_max).unwrap_or(0);
+        let mut cursor = scratch.touched.partition_point(|t| (t.id as usize) < b * BLOCK);
+        let hi = ((b + 1) * BLOCK).min(logits.len());
+        let in_block = touched_before(&scratch.touched, &mut cursor, hi);
+        let block = effective_block(logits, b, in_block, &mut scratch.patch);
+        let i = block.iter().position(|&x| x == untouched_max).unwrap_or(0);
+        best = Some((f64::from(untouched_max), (b * BLOCK + i) as u32));
+    }
+    for t in &scratch.touched {
+        let better = match best {
+            None => true,
+            Some((v, id)) => t.value > v || (t.value == v && t.id < id),
+        };
+        if better {
+            best = Some((t.value, t.id));
+        }
+    }
+    match best {
+        Some((v, id)) if v > f64::NEG_INFINITY => Ok(id),
+        _ => Err(nothing_allowed(masked)),
+    }
+}
+
+/// Steps 6 to 8 for a temperature that is not greedy.
+fn draw(
+    params: &Params,
+    logits: &[f32],
+    masked: bool,
+    scratch: &mut Scratch,
+    untouched_max: f32,
+    rng: &mut SequenceRng,
+    k: &Kernels,
+) -> Result<u32, SamplerError> {
+    let inv_t = 1.0 / params.temperature;
+    let mut m = f64::from(untouched_max) * inv_t;
+    for t in &scratch.touched {
+        m = m.max(t.value * inv_t);
+    }
+    if m == f64::NEG_INFINITY {
+        return Err(nothing_allowed(masked));
+    }
+    for t in scratch.touched.iter_mut() {
+        t.weight = k.exp(t.value * inv_t - m);
+    }
+    let touched_total: f64 = scratch.touched.iter().map(|t| t.weight).sum();
+
+    // The fast sums: `z = (x - reference) * scale + offset` equals `x * inv_t - m` with the
+    // reference at the untouched maximum, so that z is 0 there and small where weights matter.
+    let reference = if untouched_max > f32::NEG_INFINITY { untouched_max } else { 0.0 };
+    let offset = (f64::from(reference) * inv_t - m) as f32;
+    let shift = FastShift { reference, scale: inv_t as f32, offset };
+    let mut fast = FastSum::default();
+    {
+        let Scratch { raw_max, effective_max, fast_sums, touched, patch, .. } = scratch;
+        fast_sums.clear();
+        let mut cursor = 0;
+        for b in 0..raw_max.len() {
+            let hi = ((b + 1) * BLOCK).min(logits.len());
+            let in_block = touched_before(touched, &mut cursor, hi);
+            let sum = if effective_max[b] == f32::NEG_INFINITY {
+                FastSum::default()
+            } else {
+                (k.fast_exp_sum)(effective_block(logits, b, in_block, patch), shift)
+            };
+            fast_sums.push(sum);
+            fast = fast.add(sum);
+        }
+    }
+    // Not finite only for absurd inputs (logits near f32::MAX): then every decision goes exact.
+    let bound = Some(fast.error_bound(offset, logits.len())).filter(|b| b.is_finite()).unwrap_or(f64::INFINITY);
+    let total = fast.sum + touched_total;
+    let u = rng.next_uniform();
+
+    let row = Row { logits, inv_t, m, k };
+    if params.nucleus {
+        Ok(row.nucleus_draw(scratch, params.top_p, total, bound, u))
+    } else {
+        Ok(row.full_draw(scratch, total, bound, u))
+    }
+}
+
+/// What the weight stages need to know about the row.
+struct Row<'a> {
+    /// The row with masked tokens at `-inf`.
+    logits: &'a [f32],
+    inv_t: f64,
+    m: f64,
+    k: &'a Kernels,
+}
+
+impl Row<'_> {
+    fn blocks(&self) -> usize {
+        self.logits.len().div_ceil(BLOCK)
+    }
+
+    /// Exact weights of block `b` into `scratch.weights`, touched tokens at their own weights.
+    fn exact_block_weights(&self, scratch: &mut Scratch, b: usize, cursor: &mut usize) -> usize {
+        let Scratch { touched, patch, weights, .. } = scratch;
+        let hi = ((b + 1) * BLOCK).min(self.logits.len());
+        let in_block = touched_before(touched, cursor, hi);
+        let block = effective_block(self.logits, b, in_block, patch);
+        let len = block.len();
+        (self.k.exp_into)(block, self.inv_t, self.m, &mut weights[..len]);
+        for t in in_block {
+            weights[t.id as usize - b * BLOCK] = t.weight;
+        }
+        len
+    }
+
+    /// The exact total weight: all exponentials in f64 (the fallback when the fast total is too
+    /// uncertain to decide).
+    fn exact_sums(&self, scratch: &mut Scratch) -> f64 {
+        let mut cursor = 0;
+        let mut total = 0.0;
+        scratch.exact_sums.clear();
+        for b in 0..self.blocks() {
+            let hi = ((b + 1) * BLOCK).min(self.logits.len());
+            let in_block = touched_before(&scratch.touched, &mut cursor, hi);
+            let mut sum = if scratch.effective_max[b] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                let block = effective_block(self.logits, b, in_block, &mut scratch.patch);
+                (self.k.exp_sum)(block, self.inv_t, self.m)
+            };
+            sum += in_block.iter().map(|t| t.weight).sum::<f64>();
+            scratch.exact_sums.push(sum);
+            total += sum;
+        }
+        total
+    }
+
+    /// Step 7 and 8 with top-p: candidates are the tokens above a weight level, widened until
+    /// their mass reaches `top_p` of the total.
+    fn nucleus_draw(&self, scratch: &mut Scratch, top_p: f64, total: f64, bound: f64, u: f64) -> u32 {
+        let mut thresholds = (top_p * (total - bound), top_p * (total + bound));
+        let mut kept = None;
+        for level in NUCLEUS_LEVELS {
+            self.collect_candidates(scratch, level);
+            let (lo, hi) = crossing(&mut scratch.candidates, thresholds);
+            match (lo, hi) {
+                (Some(a), Some(b)) if a == b => {
+                    kept = Some(a + 1);
+                    break;
+                }
+                (Some(_), _) if thresholds.0 != thresholds.1 => {
+                    // The fast total cannot decide: settle it with exact sums.
+                    let exact = top_p * self.exact_sums(scratch);
+                    thresholds = (exact, exact);
+                    if let (Some(a), _) = crossing(&mut scratch.candidates, thresholds) {
+                        kept = Some(a + 1);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Never reached: every token with a positive weight is kept, as the first sampler did.
+        let candidates = &mut scratch.candidates;
+        let kept = kept.unwrap_or(candidates.len()).min(candidates.len());
+        let kept = &mut candidates[..kept];
+        kept.sort_unstable_by_key(|&(id, _)| id);
+        let kept_total = kept.iter().fold(0.0, |acc, &(_, w)| acc + w);
+        let target = u * kept_total;
+        let mut mass = 0.0;
+        for &(id, w) in kept.iter() {
+            mass += w;
+            if mass > target {
+                return id;
+            }
+        }
+        // Only reached when `u * kept_total` rounded up to it.
+        kept.last().map_or(0, |&(id, _)| id)
+    }
+
+    /// Tokens with weight at least `e^level` (all with a positive weight at `-inf`). Logits are
+    /// compared in f32 against a cut a little below the level, and only those above it get an
+    /// exact weight.
+    fn collect_candidates(&self, scratch: &mut Scratch, level: f64) {
+        let floor = level.exp();
+        // z >= level  <=>  x >= (level + m) / inv_t; the slack keeps every token the exact test keeps.
+        let cut = ((level + self.m) / self.inv_t) as f32;
+        let cut = if level == f64::NEG_INFINITY { f32::NEG_INFINITY } else { cut - cut.abs() * 1e-5 - 1e-5 };
+        let Scratch { effective_max, touched, patch, candidates, weights, .. } = scratch;
+        candidates.clear();
+        let mut cursor = 0;
+        for (b, &block_max) in effective_max.iter().enumerate() {
+            let hi = ((b + 1) * BLOCK).min(self.logits.len());
+            let in_block = touched_before(touched, &mut cursor, hi);
+            if block_max == f32::NEG_INFINITY || block_max < cut {
+                continue;
+            }
+            let block = effective_block(self.logits, b, in_block, patch);
+            for (i, &x) in block.iter().enumerate() {
+                if x >= cut && x > f32::NEG_INFINITY {
+                    candidates.push(((b * BLOCK + i) as u32, f64::from(x)));
+                }
+            }
+        }
+        // Exact weights, in place, then the exact test.
+        weights.clear();
+        weights.extend(candidates.iter().map(|&(_, x)| x * self.inv_t - self.m));
+        (self.k.exp_in_place)(weights);
+        let mut kept = 0;
+        for i in 0..candidates.len() {
+            if weights[i] > 0.0 && weights[i] >= floor {
+                candidates[kept] = (candidates[i].0, weights[i]);
+                kept += 1;
+            }
+        }
+        candidates.truncate(kept);
+        weights.resize(BLOCK, 0.0);
+        for t in touched.iter() {
+            if t.weight > 0.0 && t.weight >= floor {
+                candidates.push((t.id, t.weight));
+            }
+        }
+    }
+
+    /// Step 8 without top-p: the first token, in id order, whose running weight exceeds
+    /// `u * total`. Blocks are skipped by their fast sums; the result is accepted only if no
+    /// boundary lies within the sums' error bound of the target, else redone exactly.
+    fn full_draw(&self, scratch: &mut Scratch, total: f64, bound: f64, u: f64) -> u32 {
+        let mut fast = std::mem::take(&mut scratch.block_totals);
+        fast.clear();
+        let mut cursor = 0;
+        for (b, s) in scratch.fast_sums.iter().enumerate() {
+            let hi = ((b + 1) * BLOCK).min(self.logits.len());
+            let in_block = touched_before(&scratch.touched, &mut cursor, hi);
+            fast.push(s.sum + in_block.iter().map(|t| t.weight).sum::<f64>());
+        }
+        let fast_walk = self.walk(scratch, &fast, u * total, false);
+        scratch.block_totals = fast;
+        if let Some((token, before, after)) = fast_walk {
+            let target = u * total;
+            // Both the prefix and the target can be off by `bound`.
+            if target - before > 2.0 * bound && after - target > 2.0 * bound {
+                return token;
+            }
+        }
+        let exact_total = self.exact_sums(scratch);
+        let sums = std::mem::take(&mut scratch.exact_sums);
+        let result = self.walk(scratch, &sums, u * exact_total, true);
+        scratch.exact_sums = sums;
+        result.map_or(0, |(token, _, _)| token)
+    }
+
+    /// Walks the blocks by `sums`, then the tokens of the block where the running sum passes
+    /// `target`. Returns the token and the running sums just before and after it. With `to_end`
+    /// it goes on past a block whose tokens did not reach the target (sums rounded differently)
+    /// and ends on the last possible token, as the first sampler did.
+    fn walk(&self, scratch: &mut Scratch, sums: &[f64], target: f64, to_end: bool) -> Option<(u32, f64, f64)> {
+        let mut mass = 0.0;
+        let mut last_possible = None;
+        let mut b = 0;
+        while b < sums.len() {
+            if mass + sums[b] <= target && b + 1 < sums.len() {
+                mass += sums[b];
+                b += 1;
+                continue;
+            }
+            let mut cursor = scratch.touched.partition_point(|t| (t.id as usize) < b * BLOCK);
+            let len = self.exact_block_weights(scratch, b, &mut cursor);
+            for (i, &w) in scratch.weights[..len].iter().enumerate() {
+                if w > 0.0 {
+                    let before = mass;
+                    mass += w;
+                    last_possible = Some(((b * BLOCK + i) as u32, before, mass));
+                    if mass > target {
+                        return last_possible;
+                    }
+                }
+            }
+            if !to_end {
+                return None;
+            }
+            b += 1;
+        }
+        if !to_end {
+            return None;
+        }
+        last_possible.or_else(|| self.last_positive(scratch, sums))
+    }
+
+    /// The last token with a positive weight (when the target rounded up to the total).
+    fn last_positive(&self, scratch: &mut Scratch, sums: &[f64]) -> Option<(u32, f64, f64)> {
+        let b = sums.iter().rposition(|&s| s > 0.0)?;
+        let mut cursor = scratch.touched.partition_point(|t| (t.id as usize) < b * BLOCK);
+        let len = self.exact_block_weights(scratch, b, &mut cursor);
+        let i = scratch.weights[..len].iter().rposition(|&w| w > 0.0)?;
+        Some(((b * BLOCK + i) as u32, 0.0, 0.0))
+    }
+}
+
+/// Sorts `candidates` heaviest first (ties: lower id) as far as needed and returns the first
+/// index where the running mass reaches each threshold (`None` where it never does).
+fn crossing(candidates: &mut [(u32, f64)], (lo, hi): (f64, f64)) -> (Option<usize>, Option<usize>) {
+    let heavier_first = |a: &(u32, f64), b: &(u32, f64)| -> Ordering { b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)) };
+    let (mut first_lo, mut sorted, mut chunk, mut mass) = (None, 0, FIRST_NUCLEUS_CHUNK, 0.0);
+    while sorted < candidates.len() {
+        let rest = &mut candidates[sorted..];
+        let take = chunk.min(rest.len());
+        if take < rest.len() {
+            rest.select_nth_unstable_by(take - 1, heavier_first);
+        }
+        rest[..take].sort_unstable_by(heavier_first);
+        for (i, &(_, w)) in rest[..take].iter().enumerate() {
+            mass += w;
+            if first_lo.is_none() && mass >= lo {
+                first_lo = Some(sorted + i);
+            }
+            if mass >= hi {
+                return (first_lo, Some(sorted + i));
+            }
+        }
+        sorted += take;
+        chunk *= 2;
+    }
+    (first_lo, None)
+}
