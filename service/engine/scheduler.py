@@ -18,7 +18,9 @@ import collections
 import logging
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
@@ -45,6 +47,17 @@ def choice_seed(seed: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
+
+
+@dataclass
+class StepTimings:
+    """Where the scheduler thread's time goes, summed since start (read by benchmarks/profiling)."""
+
+    decode_seconds: float = 0.0  # inside llama_decode
+    decode_calls: int = 0
+    sample_seconds: float = 0.0  # inside BatchSampler.sample
+    mask_seconds: float = 0.0  # grammar bitmasks
+    sampled_rows: int = 0
 
 
 class RequestStream:
@@ -89,6 +102,7 @@ class Scheduler:
         # One mask row per possible output row; an unconstrained row is all ones.
         self._masks = np.full((model.max_sequences, grammars.words), 0xFFFFFFFF, dtype=np.uint32)
         self._stopping = False
+        self.timings = StepTimings()
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model.model_id}", daemon=True)
         self._thread.start()
 
@@ -226,7 +240,10 @@ class Scheduler:
             budget -= self._prefill(sequence)
 
     def _run_batch(self) -> None:
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._model.context, self._batch.finish())
+        self.timings.decode_seconds += time.perf_counter() - started
+        self.timings.decode_calls += 1
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
 
@@ -280,12 +297,18 @@ class Scheduler:
         keys = np.fromiter((s.seq_id for s in rows), dtype=np.int64, count=len(rows))
         masks = None
         if any(s.grammar is not None for s in rows):
+            started = time.perf_counter()
             masks = self._masks[: len(rows)]
             masks.fill(0xFFFFFFFF)
             for row, sequence in enumerate(rows):
                 if sequence.grammar is not None:
                     sequence.grammar.fill_mask(masks[row])
-        return self._sampler.sample(logits, keys, masks)
+            self.timings.mask_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        drawn = self._sampler.sample(logits, keys, masks)
+        self.timings.sample_seconds += time.perf_counter() - started
+        self.timings.sampled_rows += len(rows)
+        return drawn
 
     def _emit(self, rows: list[Sequence], drawn) -> None:  # noqa: ANN001
         tokens, logprobs, top_ids, top_logprobs = drawn

@@ -61,10 +61,10 @@ class Vocabulary:
         assert self._model, "could not load the embedded model's vocabulary"
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         data = text.encode()
         buffer = (self._llama.llama_token * (len(data) + 8))()
-        count = self._llama.llama_tokenize(self._vocab, data, len(data), buffer, len(buffer), False, False)
+        count = self._llama.llama_tokenize(self._vocab, data, len(data), buffer, len(buffer), False, special)
         assert count >= 0
         return list(buffer[:count])
 

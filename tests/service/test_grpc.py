@@ -68,24 +68,55 @@ def test_same_seed_same_text(stub, auth_metadata):
     assert len(texts) == 1
 
 
-def test_temperature_zero_equals_llama_cpp_greedy(stub, auth_metadata, server):
-    """The server's greedy tokens are llama.cpp's own greedy decoding of the same prompt tokens."""
+def llama_cpp_greedy(prompt_tokens: list[int], max_tokens: int) -> list[int]:
+    """llama.cpp's own greedy decoding (its greedy sampler, its batch API) of the prompt tokens,
+    with the model and context loaded as the server loads them."""
     import llama_cpp
 
-    from service.chat_template import ChatTemplate
     from service.models import embedded_model_path
     from tests.conftest import CTX_SIZE
 
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(str(embedded_model_path()).encode(), model_params)
+    context_params = llama_cpp.llama_context_default_params()
+    context_params.n_ctx = CTX_SIZE
+    context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    context = llama_cpp.llama_init_from_model(model, context_params)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    sampler = llama_cpp.llama_sampler_init_greedy()
+    try:
+        pending = (llama_cpp.llama_token * len(prompt_tokens))(*prompt_tokens)
+        assert llama_cpp.llama_decode(context, llama_cpp.llama_batch_get_one(pending, len(prompt_tokens))) == 0
+        generated: list[int] = []
+        while len(generated) < max_tokens:
+            token = llama_cpp.llama_sampler_sample(sampler, context, -1)
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            generated.append(token)
+            pending = (llama_cpp.llama_token * 1)(token)
+            assert llama_cpp.llama_decode(context, llama_cpp.llama_batch_get_one(pending, 1)) == 0
+        return generated
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+        llama_cpp.llama_free(context)
+        llama_cpp.llama_model_free(model)
+
+
+def test_temperature_zero_equals_llama_cpp_greedy(stub, auth_metadata):
+    """The server's greedy tokens are llama.cpp's own greedy decoding of the same prompt tokens."""
+    from service.chat_template import ChatTemplate
+    from tests.adapters.test_openai_sdk import Vocabulary
+
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]
-    llama = llama_cpp.Llama(str(embedded_model_path()), n_ctx=CTX_SIZE, flash_attn=True, verbose=False)
-    prompt = ChatTemplate.for_model(None, "gemma3", bos_token="<bos>", eos_token="<eos>").render(messages)
-    prompt_tokens = llama.tokenize(prompt.encode(), add_bos=False, special=True)
-    expected = []
-    for token in llama.generate(prompt_tokens, temp=0.0):
-        if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llama.model), token) or len(expected) == 40:
-            break
-        expected.append(token)
-    expected_text = llama.detokenize(expected).decode()
+    vocabulary = Vocabulary()
+    try:
+        prompt = ChatTemplate.for_model(None, "gemma3", bos_token="<bos>", eos_token="<eos>").render(messages)
+        prompt_tokens = vocabulary.tokenize(prompt, special=True)
+        expected = llama_cpp_greedy(prompt_tokens, 40)
+        expected_text = b"".join(vocabulary.piece(t) for t in expected).decode(errors="replace")
+    finally:
+        vocabulary.close()
 
     response = stub.CreateChatCompletion(
         request(messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text=messages[0]["content"])], temperature=0, max_tokens=40),
