@@ -23,6 +23,9 @@ from typing import Any
 from service.errors import InvalidArgument
 
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The most calls one reply may make with parallel_tool_calls: a model that repeats itself must still
+# close the reply.
+MAX_PARALLEL_CALLS = 8
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,7 @@ def forced_call_schema(tools: list[ToolSpec], *, only: str | None, parallel: boo
     ]
     call = choices[0] if len(choices) == 1 else {"anyOf": choices}
     calls: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
-    if not parallel or only is not None:
-        calls["maxItems"] = 1
+    calls["maxItems"] = MAX_PARALLEL_CALLS if parallel and only is None else 1
     return {
         "type": "object",
         "properties": {"tool_calls": calls},

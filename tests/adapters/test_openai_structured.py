@@ -67,6 +67,18 @@ def test_n_choices_stream_interleaved_by_index(openai_client):
 # ---------------------------------------------------------------------------
 
 NAME = {"type": "string", "minLength": 1, "maxLength": 12}
+
+
+def closed(schema):
+    """The schema with every object closed (additionalProperties false), as OpenAI's strict mode requires."""
+    if isinstance(schema, dict):
+        schema = {key: closed(value) for key, value in schema.items()}
+        if schema.get("type") == "object":
+            schema.setdefault("additionalProperties", False)
+    elif isinstance(schema, list):
+        schema = [closed(item) for item in schema]
+    return schema
+
 SCHEMAS = [
     {"type": "object", "properties": {"name": NAME}, "required": ["name"]},
     {"type": "object", "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"]},
@@ -93,6 +105,9 @@ SCHEMAS = [
     {"type": "object", "properties": {"nested": {"type": "object", "properties": {"deeper": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 5}}, "required": ["x"]}}, "required": ["deeper"]}}, "required": ["nested"]},
     {"type": "object", "properties": {"choice": {"oneOf": [{"type": "string", "enum": ["yes", "no"]}, {"type": "integer", "minimum": 0, "maximum": 3}]}}, "required": ["choice"]},
 ]
+
+
+SCHEMAS = [closed(schema) for schema in SCHEMAS]
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=[f"schema{i}" for i in range(len(SCHEMAS))])
@@ -161,7 +176,12 @@ TIME = {
     "function": {
         "name": "get_time",
         "description": "The time in a timezone.",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 16}}, "required": ["zone"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 16}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
     },
 }
 TOOLS = [WEATHER, TIME]
@@ -196,7 +216,7 @@ def test_named_tool_choice_calls_that_function(openai_client, name):
 
 
 def test_tool_calls_stream_as_deltas(openai_client):
-    chunks = streamed(openai_client, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0)
+    chunks = streamed(openai_client, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, parallel_tool_calls=False)
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
     assert deltas and deltas[0].id and deltas[0].function.name
     arguments = "".join(d.function.arguments or "" for d in deltas)
@@ -229,7 +249,8 @@ def test_tool_round_trip(openai_client):
     answer = create(openai_client, messages=history, tools=TOOLS, max_tokens=30, temperature=0, tool_choice="none")
     assert answer.choices[0].message.content
     assert answer.choices[0].finish_reason in ("stop", "length")
-    assert answer.usage.prompt_tokens > first.usage.prompt_tokens
+    question_alone = create(openai_client, messages=ASK, max_tokens=1)
+    assert answer.usage.prompt_tokens > question_alone.usage.prompt_tokens + 20  # the call and its result are in the prompt
 
 
 def test_capability_refusals(openai_client):

@@ -15,6 +15,7 @@ SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
     "required": ["name", "age"],
+    "additionalProperties": False,
 }
 
 
