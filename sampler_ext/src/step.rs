@@ -671,3 +671,6 @@ fn crossing(candidates: &mut [(u32, f64)], (lo, hi): (f64, f64)) -> (Option<usiz
     }
     (first_lo, None)
 }
+
+#[cfg(test)]
+mod tests;
