@@ -10,12 +10,21 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
-fn brute_force(config: &SamplerConfig, history: &[u32], logits: &[f32], mask: Option<&[bool]>, u: f64) -> u32 {
+fn brute_force(
+    config: &SamplerConfig,
+    history: &[u32],
+    logits: &[f32],
+    mask: Option<&[bool]>,
+    u: f64,
+) -> u32 {
     let mut values: Vec<f64> = logits.iter().map(|&x| f64::from(x)).collect();
     if let Some(mask) = mask {
         for (v, &ok) in values.iter_mut().zip(mask) {
@@ -74,7 +83,11 @@ fn logits_like_a_model(rng: &mut Lcg, vocab: usize) -> Vec<f32> {
     (0..vocab)
         .map(|_| {
             let base = (rng.next() - 0.5) * 8.0 - 4.0;
-            (if rng.next() < 0.002 { base + 15.0 * rng.next() } else { base }) as f32
+            (if rng.next() < 0.002 {
+                base + 15.0 * rng.next()
+            } else {
+                base
+            }) as f32
         })
         .collect()
 }
@@ -90,9 +103,12 @@ fn steps_match_the_brute_force_sampler() {
         (0.0, 1.0, 1.0, 0.5),
     ];
     for vocab in [1usize, 2, 255, 256, 257, 5000, 70_000] {
-        for (case, &(temperature, top_p, frequency_penalty, presence_penalty)) in configs.iter().enumerate() {
-            let logit_bias: Vec<(i64, f64)> =
-                (0..vocab.min(50)).map(|i| ((i * 7919 % vocab) as i64, (rng.next() - 0.5) * 20.0)).collect();
+        for (case, &(temperature, top_p, frequency_penalty, presence_penalty)) in
+            configs.iter().enumerate()
+        {
+            let logit_bias: Vec<(i64, f64)> = (0..vocab.min(50))
+                .map(|i| ((i * 7919 % vocab) as i64, (rng.next() - 0.5) * 20.0))
+                .collect();
             let mut logit_bias = logit_bias;
             logit_bias.sort_by_key(|&(t, _)| t);
             logit_bias.dedup_by_key(|&mut (t, _)| t);
@@ -109,7 +125,8 @@ fn steps_match_the_brute_force_sampler() {
             let mut scratch = Scratch::default();
             for step in 0..6 {
                 let logits = logits_like_a_model(&mut rng, vocab);
-                let mask: Option<Vec<bool>> = (step % 3 == 2).then(|| (0..vocab).map(|j| j == 0 || rng.next() < 0.3).collect());
+                let mask: Option<Vec<bool>> = (step % 3 == 2)
+                    .then(|| (0..vocab).map(|j| j == 0 || rng.next() < 0.3).collect());
                 let words = mask.as_ref().map(|m| {
                     let mut words = vec![0u32; mask_words(vocab)];
                     for (j, &ok) in m.iter().enumerate() {
@@ -120,7 +137,12 @@ fn steps_match_the_brute_force_sampler() {
                 let u = sequence.rng.clone().next_uniform();
                 let expected = brute_force(&config, &history, &logits, mask.as_deref(), u);
                 let pending = sequence
-                    .choose(&logits, words.as_deref(), &mut scratch, LogprobPrecision::Exact)
+                    .choose(
+                        &logits,
+                        words.as_deref(),
+                        &mut scratch,
+                        LogprobPrecision::Exact,
+                    )
                     .unwrap();
                 assert_eq!(pending.token, expected, "V {vocab} case {case} step {step}");
                 sequence.commit(&pending);
@@ -137,17 +159,35 @@ fn a_mask_that_allows_nothing_possible_is_refused() {
     logits[3] = f32::NEG_INFINITY;
     let mut mask = vec![0u32; 2];
     mask[0] = 1 << 3; // only a token that is impossible anyway
-    let result = sequence.choose(&logits, Some(&mask), &mut Scratch::default(), LogprobPrecision::Fast);
+    let result = sequence.choose(
+        &logits,
+        Some(&mask),
+        &mut Scratch::default(),
+        LogprobPrecision::Fast,
+    );
     assert_eq!(result.unwrap_err(), SamplerError::NothingAllowed);
-    let result = sequence.choose(&logits, Some(&[0u32]), &mut Scratch::default(), LogprobPrecision::Fast);
-    assert!(matches!(result, Err(SamplerError::MaskLength { expected: 2, got: 1 })));
+    let result = sequence.choose(
+        &logits,
+        Some(&[0u32]),
+        &mut Scratch::default(),
+        LogprobPrecision::Fast,
+    );
+    assert!(matches!(
+        result,
+        Err(SamplerError::MaskLength {
+            expected: 2,
+            got: 1
+        })
+    ));
 }
 
 #[test]
 fn the_nucleus_crossing_is_the_brute_force_one() {
     let mut rng = Lcg(3);
     for n in [1usize, 5, 64, 65, 300, 5000] {
-        let mut candidates: Vec<(u32, f64)> = (0..n).map(|i| (i as u32, (rng.next() * 4.0).floor())).collect();
+        let mut candidates: Vec<(u32, f64)> = (0..n)
+            .map(|i| (i as u32, (rng.next() * 4.0).floor()))
+            .collect();
         let total: f64 = candidates.iter().map(|c| c.1).sum();
         for p in [1e-9, 0.3, 0.9, 0.999, 1.0] {
             let mut sorted = candidates.clone();
@@ -171,18 +211,34 @@ fn a_failed_row_leaves_every_sequence_unchanged() {
     let mut batch = BatchSampler::new(8).unwrap();
     let mut twin = BatchSampler::new(8).unwrap();
     for b in [&mut batch, &mut twin] {
-        b.add(1, &SamplerConfig { top_p: 0.9, ..SamplerConfig::new(8, 1) }).unwrap();
+        b.add(
+            1,
+            &SamplerConfig {
+                top_p: 0.9,
+                ..SamplerConfig::new(8, 1)
+            },
+        )
+        .unwrap();
         b.add(2, &SamplerConfig::new(8, 2)).unwrap();
     }
     let mut logits = vec![0.5f32; 16];
     logits[12] = f32::NAN;
     let error = batch.sample(&logits, &[1, 2], None).unwrap_err();
-    assert_eq!(error.to_string(), "row 1 (key 2): logit of token 4 is NaN; logits must not be NaN or +inf");
-    assert!(matches!(batch.sample(&logits[..8], &[3], None), Err(SamplerError::Row { row: 0, key: 3, .. })));
+    assert_eq!(
+        error.to_string(),
+        "row 1 (key 2): logit of token 4 is NaN; logits must not be NaN or +inf"
+    );
+    assert!(matches!(
+        batch.sample(&logits[..8], &[3], None),
+        Err(SamplerError::Row { row: 0, key: 3, .. })
+    ));
     assert_eq!(batch.generated(1).unwrap(), 0);
     let good: Vec<f32> = (0..16).map(|i| (i % 5) as f32).collect();
     for _ in 0..5 {
-        assert_eq!(batch.sample(&good, &[1, 2], None).unwrap().tokens, twin.sample(&good, &[1, 2], None).unwrap().tokens);
+        assert_eq!(
+            batch.sample(&good, &[1, 2], None).unwrap().tokens,
+            twin.sample(&good, &[1, 2], None).unwrap().tokens
+        );
     }
 }
 
@@ -198,7 +254,16 @@ fn masks_read_bit_j_mod_32_of_word_j_div_32() {
     for k in [Kernels::BASELINE, *Kernels::get()] {
         (k.apply_mask)(&logits, &mask, &mut out);
         for (j, &x) in out.iter().enumerate() {
-            assert_eq!(x, if is_allowed(&mask, j) { j as f32 } else { f32::NEG_INFINITY }, "{} {j}", k.name);
+            assert_eq!(
+                x,
+                if is_allowed(&mask, j) {
+                    j as f32
+                } else {
+                    f32::NEG_INFINITY
+                },
+                "{} {j}",
+                k.name
+            );
         }
     }
 }
