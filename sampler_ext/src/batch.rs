@@ -41,7 +41,9 @@ impl BatchSampler {
         // Validate the vocabulary size as a sequence would.
         let probe = SamplerConfig::new(vocab_size, 0);
         let vocab_size = crate::sampler::Params::new(&probe)?.vocab_size;
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 2);
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 2);
         Ok(Self {
             vocab_size,
             sequences: HashMap::new(),
@@ -71,7 +73,9 @@ impl BatchSampler {
     }
 
     fn get(&self, key: i64) -> Result<&Sequence, SamplerError> {
-        self.sequences.get(&key).ok_or(SamplerError::UnknownKey(key))
+        self.sequences
+            .get(&key)
+            .ok_or(SamplerError::UnknownKey(key))
     }
 
     /// Registers a sequence; `config.vocab_size` must be this sampler's.
@@ -79,7 +83,10 @@ impl BatchSampler {
         if self.sequences.contains_key(&key) {
             return Err(SamplerError::KeyExists(key));
         }
-        let config = SamplerConfig { vocab_size: self.vocab_size as i64, ..config.clone() };
+        let config = SamplerConfig {
+            vocab_size: self.vocab_size as i64,
+            ..config.clone()
+        };
         self.sequences.insert(key, Sequence::new(&config)?);
         Ok(())
     }
@@ -120,7 +127,11 @@ impl BatchSampler {
             }
         }
         for (row, &key) in keys.iter().enumerate() {
-            let row_error = |source| SamplerError::Row { row, key, source: Box::new(source) };
+            let row_error = |source| SamplerError::Row {
+                row,
+                key,
+                source: Box::new(source),
+            };
             if !self.sequences.contains_key(&key) {
                 return Err(row_error(SamplerError::UnknownKey(key)));
             }
@@ -140,7 +151,11 @@ impl BatchSampler {
                     sequence
                         .choose(row_logits, mask, scratch, LogprobPrecision::Fast)
                         .map(|pending| (pending, scratch.top_logprobs.clone()))
-                        .map_err(|source| SamplerError::Row { row, key, source: Box::new(source) })
+                        .map_err(|source| SamplerError::Row {
+                            row,
+                            key,
+                            source: Box::new(source),
+                        })
                 })
                 .collect::<Vec<_>>()
         };
@@ -151,15 +166,24 @@ impl BatchSampler {
                 let other = scope.spawn(|| choose_rows(split..rows, &mut second[0]));
                 let mut results = choose_rows(0..split, &mut first[0]);
                 // A panic in the other thread would be a bug; surface it as one.
-                results.extend(other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+                results.extend(
+                    other
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
                 results
             })
         } else {
             choose_rows(0..rows, &mut self.scratch[0])
         };
-        let chosen: Vec<(Pending, Vec<(u32, f64)>)> = results.into_iter().collect::<Result<_, _>>()?;
+        let chosen: Vec<(Pending, Vec<(u32, f64)>)> =
+            results.into_iter().collect::<Result<_, _>>()?;
 
-        let top_k = keys.iter().map(|key| sequences[key].params.top_logprobs).max().unwrap_or(0);
+        let top_k = keys
+            .iter()
+            .map(|key| sequences[key].params.top_logprobs)
+            .max()
+            .unwrap_or(0);
         let mut out = BatchOutput {
             tokens: Vec::with_capacity(rows),
             logprobs: Vec::with_capacity(rows),

@@ -51,7 +51,11 @@ pub enum SamplerError {
     /// The arrays of a batch did not fit together.
     BatchShape(String),
     /// One row of a batch failed; no row was applied.
-    Row { row: usize, key: i64, source: Box<SamplerError> },
+    Row {
+        row: usize,
+        key: i64,
+        source: Box<SamplerError>,
+    },
 }
 
 impl fmt::Display for SamplerError {

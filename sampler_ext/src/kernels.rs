@@ -42,7 +42,9 @@ impl Kernels {
         static CHOSEN: OnceLock<Kernels> = OnceLock::new();
         CHOSEN.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return avx2::KERNELS;
             }
             Self::BASELINE
@@ -99,18 +101,36 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn fast_exp_sum_avx2(x: &[f32], shift: FastShift) -> FastSum {
         use std::arch::x86_64::*;
-        let FastShift { reference, scale, offset } = shift;
+        let FastShift {
+            reference,
+            scale,
+            offset,
+        } = shift;
         let chunks = x.chunks_exact(32);
         let tail = fast_exp_sum::<Fused>(chunks.remainder(), shift);
-        let (reference, scale, offset) =
-            (_mm256_set1_ps(reference), _mm256_set1_ps(scale), _mm256_set1_ps(offset));
+        let (reference, scale, offset) = (
+            _mm256_set1_ps(reference),
+            _mm256_set1_ps(scale),
+            _mm256_set1_ps(offset),
+        );
         let floor = _mm256_set1_ps(-87.0);
         let round = _mm256_set1_ps(12_582_912.0);
         let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
-        let (ln2_hi, ln2_lo) = (_mm256_set1_ps(-0.693_359_375), _mm256_set1_ps(2.121_944_4e-4));
+        let (ln2_hi, ln2_lo) = (
+            _mm256_set1_ps(-f32::from_bits(0x3f31_8000)),
+            _mm256_set1_ps(2.121_944_4e-4),
+        );
         let bias = _mm256_set1_ps(127.0 + 12_582_912.0);
         let round_bits = _mm256_castps_si256(round);
-        let coefficients = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32];
+        let coefficients = [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0f32,
+        ];
         let exp8 = |v: __m256, sum_wz: &mut __m256| {
             let z = _mm256_fmadd_ps(_mm256_sub_ps(v, reference), scale, offset);
             let zc = _mm256_max_ps(z, floor);
@@ -148,8 +168,9 @@ mod avx2 {
         _mm256_storeu_pd(lanes[4..].as_mut_ptr(), sum[1]);
         let mut lanes_wz = [0.0f32; 8];
         _mm256_storeu_ps(lanes_wz.as_mut_ptr(), sum_wz);
-        tail.add(FastSum {
-            sum: ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])),
+        tail + (FastSum {
+            sum: ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+                + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])),
             sum_wz: lanes_wz.iter().map(|&v| f64::from(v)).sum(),
         })
     }
@@ -239,7 +260,8 @@ fn exp_nonpositive<M: MulAdd>(z: f64) -> f64 {
     // n is in [-1587, 0]: split it so that both halves are normal exponents.
     let half = (n * 0.5 + ROUND) - ROUND;
     let rest = n - half;
-    let pow2 = |k: f64| f64::from_bits(((k + (1023.0 + TWO_52)).to_bits() - TWO_52.to_bits()) << 52);
+    let pow2 =
+        |k: f64| f64::from_bits(((k + (1023.0 + TWO_52)).to_bits() - TWO_52.to_bits()) << 52);
     p * pow2(half) * pow2(rest)
 }
 
@@ -261,14 +283,18 @@ pub struct FastSum {
     pub sum_wz: f64,
 }
 
-impl FastSum {
-    pub fn add(self, other: FastSum) -> FastSum {
+impl std::ops::Add for FastSum {
+    type Output = FastSum;
+
+    fn add(self, other: FastSum) -> FastSum {
         FastSum {
             sum: self.sum + other.sum,
             sum_wz: self.sum_wz + other.sum_wz,
         }
     }
+}
 
+impl FastSum {
     /// A bound on `|sum - exact sum|` over `n` logits, for the shift's `|offset|`.
     ///
     /// Per weight, `z` carries three f32 roundings (`x - reference`, the product, the offset) of at
@@ -286,23 +312,40 @@ impl FastSum {
 #[inline(always)]
 fn exp32_nonpositive<M: MulAdd>(z: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
-    const LN2_HI: f32 = 0.693_359_375;
+                                     // 0.693359375: few mantissa bits, so that `n * LN2_HI` is exact.
+    const LN2_HI: f32 = f32::from_bits(0x3f31_8000);
     const LN2_LO: f32 = -2.121_944_4e-4;
     let zc = if z > -87.0 { z } else { -87.0 };
     let n = (zc * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = M::mul_add32(n, -LN2_LO, M::mul_add32(n, -LN2_HI, zc));
     let mut p = 1.0 / 5_040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         p = M::mul_add32(p, r, c);
     }
     // n is in [-126, 0], a normal exponent.
     let pow2 = f32::from_bits(((n + (127.0 + ROUND)).to_bits() - ROUND.to_bits()) << 23);
-    if z > -87.0 { p * pow2 } else { 0.0 }
+    if z > -87.0 {
+        p * pow2
+    } else {
+        0.0
+    }
 }
 
 #[inline(always)]
 fn fast_exp_sum<M: MulAdd>(x: &[f32], shift: FastShift) -> FastSum {
-    let FastShift { reference, scale, offset } = shift;
+    let FastShift {
+        reference,
+        scale,
+        offset,
+    } = shift;
     // Two plain loops over a buffer in L1 rather than one fused loop: the compiler vectorises these.
     let mut w = [0.0f32; BLOCK];
     let mut wz = [0.0f32; BLOCK];
@@ -324,19 +367,27 @@ fn fast_exp_sum<M: MulAdd>(x: &[f32], shift: FastShift) -> FastSum {
                 acc_wz[l] += cz[l];
             }
         }
-        for (l, (&v, &vz)) in chunks.remainder().iter().zip(chunks_wz.remainder()).enumerate() {
+        for (l, (&v, &vz)) in chunks
+            .remainder()
+            .iter()
+            .zip(chunks_wz.remainder())
+            .enumerate()
+        {
             acc[l] += f64::from(v);
             acc_wz[l] += vz;
         }
-        total = total.add(FastSum {
-            sum: ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])),
-            sum_wz: acc_wz.iter().map(|&v| f64::from(v)).sum(),
-        });
+        total = total
+            + FastSum {
+                sum: ((acc[0] + acc[4]) + (acc[2] + acc[6]))
+                    + ((acc[1] + acc[5]) + (acc[3] + acc[7])),
+                sum_wz: acc_wz.iter().map(|&v| f64::from(v)).sum(),
+            };
     }
     total
 }
 
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // indexing by `i` is what makes the loop vectorise
 fn apply_mask(x: &[f32], mask: &[u32], out: &mut [f32]) {
     // One constant per lane, so that the loop is a vector AND, compare and blend.
     const BITS: [u32; 32] = {
@@ -351,16 +402,25 @@ fn apply_mask(x: &[f32], mask: &[u32], out: &mut [f32]) {
     let full = x.len() / 32;
     for ((out, x), &word) in out.chunks_exact_mut(32).zip(x.chunks_exact(32)).zip(mask) {
         for i in 0..32 {
-            out[i] = if word & BITS[i] != 0 { x[i] } else { f32::NEG_INFINITY };
+            out[i] = if word & BITS[i] != 0 {
+                x[i]
+            } else {
+                f32::NEG_INFINITY
+            };
         }
     }
     for i in 0..x.len() % 32 {
         let j = full * 32 + i;
-        out[j] = if mask[full] & BITS[i] != 0 { x[j] } else { f32::NEG_INFINITY };
+        out[j] = if mask[full] & BITS[i] != 0 {
+            x[j]
+        } else {
+            f32::NEG_INFINITY
+        };
     }
 }
 
 #[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v < inf)` is meant to be true for NaN
 fn max_and_bad<M: MulAdd>(x: &[f32]) -> (f32, bool) {
     let mut max = [f32::NEG_INFINITY; LANES];
     // NaN and +inf are exactly the values that are not below +inf.
@@ -378,7 +438,9 @@ fn max_and_bad<M: MulAdd>(x: &[f32]) -> (f32, bool) {
         max[l] = if v > max[l] { v } else { max[l] };
         bad[l] |= !(v < f32::INFINITY);
     }
-    let m = max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let m = max
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     (m, bad.iter().any(|&b| b))
 }
 
@@ -432,9 +494,17 @@ mod tests {
             while z <= 0.0 {
                 let (ours, libm) = (k.exp(z), z.exp());
                 if libm > f64::MIN_POSITIVE {
-                    assert!(ulps(ours, libm) <= 2, "{} exp({z}) = {ours}, libm {libm}", k.name);
+                    assert!(
+                        ulps(ours, libm) <= 2,
+                        "{} exp({z}) = {ours}, libm {libm}",
+                        k.name
+                    );
                 } else {
-                    assert!((ours - libm).abs() <= 4.0 * f64::from_bits(1), "{} at {z}", k.name);
+                    assert!(
+                        (ours - libm).abs() <= 4.0 * f64::from_bits(1),
+                        "{} at {z}",
+                        k.name
+                    );
                 }
                 z += 0.000_917;
             }
@@ -455,7 +525,9 @@ mod tests {
 
     #[test]
     fn block_kernels_agree_with_scalar_code() {
-        let x: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 * -0.037).collect();
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 * -0.037)
+            .collect();
         for k in all_kernels() {
             for len in [0, 1, 7, 8, 9, 255, 256, 1000] {
                 let block = &x[..len];
@@ -465,10 +537,21 @@ mod tests {
                 let sum = (k.exp_sum)(block, 0.8, -0.5);
                 let mut out = vec![0.0; len];
                 (k.exp_into)(block, 0.8, -0.5, &mut out);
-                let libm: f64 = block.iter().map(|&v| (f64::from(v) * 0.8 + 0.5).exp()).sum();
+                let libm: f64 = block
+                    .iter()
+                    .map(|&v| (f64::from(v) * 0.8 + 0.5).exp())
+                    .sum();
                 let ours: f64 = out.iter().sum();
-                assert!((sum - libm).abs() <= 1e-13 * libm.max(1.0), "{} {len}", k.name);
-                assert!((ours - libm).abs() <= 1e-13 * libm.max(1.0), "{} {len}", k.name);
+                assert!(
+                    (sum - libm).abs() <= 1e-13 * libm.max(1.0),
+                    "{} {len}",
+                    k.name
+                );
+                assert!(
+                    (ours - libm).abs() <= 1e-13 * libm.max(1.0),
+                    "{} {len}",
+                    k.name
+                );
             }
         }
     }
@@ -481,28 +564,56 @@ mod tests {
             while z <= 0.0 {
                 let mut buf = [0.0f32; 16];
                 buf[3] = z;
-                let fast = (k.fast_exp_sum)(&buf[3..4], FastShift { reference: 0.0, scale: 1.0, offset: 0.0 });
+                let fast = (k.fast_exp_sum)(
+                    &buf[3..4],
+                    FastShift {
+                        reference: 0.0,
+                        scale: 1.0,
+                        offset: 0.0,
+                    },
+                );
                 let exact = f64::from(z).exp();
                 worst = worst.max((fast.sum - exact).abs() / exact);
                 z += 0.000_37;
             }
-            assert!(worst < 1.0 / (1u64 << 23) as f64, "{} worst {worst}", k.name);
+            assert!(
+                worst < 1.0 / (1u64 << 23) as f64,
+                "{} worst {worst}",
+                k.name
+            );
         }
     }
 
     #[test]
     fn fast_sums_are_within_their_error_bound() {
-        let x: Vec<f32> = (0..4099).map(|i| ((i * 7919) % 4099) as f32 * -0.011 + 31.7).collect();
+        let x: Vec<f32> = (0..4099)
+            .map(|i| ((i * 7919) % 4099) as f32 * -0.011 + 31.7)
+            .collect();
         for k in all_kernels() {
             for (scale, m) in [(1.0f64, 31.7f64), (1.25, 39.9), (0.5, 15.0), (10.0, 400.0)] {
                 let reference = 31.7f32;
                 let offset = (f64::from(reference) * scale - m) as f32;
-                let shift = FastShift { reference, scale: scale as f32, offset };
-                let fast = x.chunks(BLOCK).map(|b| (k.fast_exp_sum)(b, shift)).fold(FastSum::default(), FastSum::add);
+                let shift = FastShift {
+                    reference,
+                    scale: scale as f32,
+                    offset,
+                };
+                let fast = x
+                    .chunks(BLOCK)
+                    .map(|b| (k.fast_exp_sum)(b, shift))
+                    .fold(FastSum::default(), |a, b| a + b);
                 let exact: f64 = x.iter().map(|&v| (f64::from(v) * scale - m).exp()).sum();
                 let bound = fast.error_bound(offset, x.len());
-                assert!((fast.sum - exact).abs() <= bound, "{} {scale}: {} vs {exact}, bound {bound}", k.name, fast.sum);
-                assert!(bound < 1e-4 * exact.max(1e-30) + 1e-30, "bound too loose: {bound} for {exact}");
+                assert!(
+                    (fast.sum - exact).abs() <= bound,
+                    "{} {scale}: {} vs {exact}, bound {bound}",
+                    k.name,
+                    fast.sum
+                );
+                assert!(
+                    bound < 1e-4 * exact.max(1e-30) + 1e-30,
+                    "bound too loose: {bound} for {exact}"
+                );
             }
         }
     }
@@ -512,16 +623,26 @@ mod tests {
         for k in all_kernels() {
             for len in [1, 8, 13, 256] {
                 for at in [0, len / 2, len - 1] {
-                    for (value, expect_bad) in
-                        [(f32::NAN, true), (f32::INFINITY, true), (f32::NEG_INFINITY, false)]
-                    {
+                    for (value, expect_bad) in [
+                        (f32::NAN, true),
+                        (f32::INFINITY, true),
+                        (f32::NEG_INFINITY, false),
+                    ] {
                         let mut x = vec![-1.0f32; len];
                         x[at] = value;
-                        assert_eq!((k.max_and_bad)(&x).1, expect_bad, "{} {len} {at} {value}", k.name);
+                        assert_eq!(
+                            (k.max_and_bad)(&x).1,
+                            expect_bad,
+                            "{} {len} {at} {value}",
+                            k.name
+                        );
                     }
                 }
             }
-            assert_eq!((k.max_and_bad)(&[f32::NEG_INFINITY; 9]).0, f32::NEG_INFINITY);
+            assert_eq!(
+                (k.max_and_bad)(&[f32::NEG_INFINITY; 9]).0,
+                f32::NEG_INFINITY
+            );
         }
     }
 }

@@ -11,7 +11,10 @@ pub mod rng;
 pub mod sampler;
 pub mod step;
 
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt};
 
@@ -123,7 +126,10 @@ fn extract_bias(logit_bias: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(i64, f6
     if let Some(dict) = logit_bias {
         bias.reserve(dict.len());
         for (token, value) in dict.iter() {
-            bias.push((extract_int(&token, "logit_bias token id")?, value.extract::<f64>()?));
+            bias.push((
+                extract_int(&token, "logit_bias token id")?,
+                value.extract::<f64>()?,
+            ));
         }
     }
     Ok(bias)
@@ -151,7 +157,9 @@ pub struct PyBatchSampler {
 impl PyBatchSampler {
     #[new]
     fn new(vocab_size: &Bound<'_, PyAny>) -> PyResult<Self> {
-        Ok(Self { inner: BatchSampler::new(extract_int(vocab_size, "vocab_size")?)? })
+        Ok(Self {
+            inner: BatchSampler::new(extract_int(vocab_size, "vocab_size")?)?,
+        })
     }
 
     #[pyo3(signature = (
@@ -195,7 +203,8 @@ impl PyBatchSampler {
     }
 
     fn record(&mut self, key: &Bound<'_, PyAny>, token: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.inner.record(extract_int(key, "key")?, extract_int(token, "token id")?)?;
+        self.inner
+            .record(extract_int(key, "key")?, extract_int(token, "token id")?)?;
         Ok(())
     }
 
@@ -216,7 +225,9 @@ impl PyBatchSampler {
             Ok(array) => array.as_array().to_vec(),
             Err(_) => keys.extract()?,
         };
-        let [rows, columns] = logits.shape() else { unreachable!("a 2-D array has two dimensions") };
+        let [rows, columns] = logits.shape() else {
+            unreachable!("a 2-D array has two dimensions")
+        };
         let (rows, columns) = (*rows, *columns);
         if rows != keys.len() || columns != self.inner.vocab_size() {
             return Err(SamplerError::BatchShape(format!(
@@ -256,7 +267,11 @@ impl PyBatchSampler {
     }
 
     fn __repr__(&self) -> String {
-        format!("BatchSampler(vocab_size={}, sequences={})", self.inner.vocab_size(), self.inner.len())
+        format!(
+            "BatchSampler(vocab_size={}, sequences={})",
+            self.inner.vocab_size(),
+            self.inner.len()
+        )
     }
 }
 

@@ -238,7 +238,15 @@ impl Sequence {
         scratch: &mut Scratch,
         precision: LogprobPrecision,
     ) -> Result<Pending, SamplerError> {
-        step::choose(&self.params, &self.state, &self.rng, logits, mask, scratch, precision)
+        step::choose(
+            &self.params,
+            &self.state,
+            &self.rng,
+            logits,
+            mask,
+            scratch,
+            precision,
+        )
     }
 
     /// Step 9: applies a step's outcome.
@@ -273,7 +281,10 @@ pub struct SequenceSampler {
 
 impl SequenceSampler {
     pub fn new(config: SamplerConfig) -> Result<Self, SamplerError> {
-        let config = SamplerConfig { logprobs: true, ..config };
+        let config = SamplerConfig {
+            logprobs: true,
+            ..config
+        };
         Ok(Self {
             sequence: Sequence::new(&config)?,
             scratch: Scratch::default(),
@@ -299,9 +310,9 @@ impl SequenceSampler {
     /// Chooses the next token (see the module documentation for the exact steps) and records it.
     /// On error nothing changes: the history and the random stream are as before.
     pub fn sample(&mut self, logits: &[f32]) -> Result<Sample, SamplerError> {
-        let pending = self
-            .sequence
-            .choose(logits, None, &mut self.scratch, LogprobPrecision::Exact)?;
+        let pending =
+            self.sequence
+                .choose(logits, None, &mut self.scratch, LogprobPrecision::Exact)?;
         self.sequence.commit(&pending);
         Ok(Sample {
             token: pending.token,

@@ -86,11 +86,17 @@ pub fn choose(
     let k = Kernels::get();
     let vocab = params.vocab_size;
     if logits.len() != vocab {
-        return Err(SamplerError::Length { expected: vocab, got: logits.len() });
+        return Err(SamplerError::Length {
+            expected: vocab,
+            got: logits.len(),
+        });
     }
     if let Some(mask) = mask {
         if mask.len() != mask_words(vocab) {
-            return Err(SamplerError::MaskLength { expected: mask_words(vocab), got: mask.len() });
+            return Err(SamplerError::MaskLength {
+                expected: mask_words(vocab),
+                got: mask.len(),
+            });
         }
     }
     scratch.patch.resize(BLOCK, 0.0);
@@ -106,11 +112,19 @@ pub fn choose(
     } else {
         f64::NAN
     };
-    top_raw(logits, &scratch.raw_max, params.top_logprobs.min(vocab), &mut scratch.top);
+    top_raw(
+        logits,
+        &scratch.raw_max,
+        params.top_logprobs.min(vocab),
+        &mut scratch.top,
+    );
     scratch.top_logprobs.clear();
-    scratch
-        .top_logprobs
-        .extend(scratch.top.iter().map(|&(id, x)| (id, f64::from(x) - log_z)));
+    scratch.top_logprobs.extend(
+        scratch
+            .top
+            .iter()
+            .map(|&(id, x)| (id, f64::from(x) - log_z)),
+    );
 
     // 3.-5. Mask, bias and penalties, only on the tokens they touch.
     let mask = mask.filter(|m| !allows_everything(m, vocab));
@@ -138,7 +152,11 @@ pub fn choose(
     } else {
         f64::NAN
     };
-    Ok(Pending { token, logprob, rng })
+    Ok(Pending {
+        token,
+        logprob,
+        rng,
+    })
 }
 
 /// Steps 6 to 8 on `base`, the row with masked tokens at `-inf`.
@@ -171,13 +189,17 @@ fn scan(logits: &[f32], raw_max: &mut Vec<f32>, k: &Kernels) -> Result<f32, Samp
     }
     if bad {
         // Rare: find the first offender for the message.
-        if let Some((token, &value)) =
-            logits.iter().enumerate().find(|(_, &x)| x.is_nan() || x == f32::INFINITY)
+        if let Some((token, &value)) = logits
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x.is_nan() || x == f32::INFINITY)
         {
             return Err(SamplerError::NonFiniteLogit { token, value });
         }
     }
-    let max = raw_max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let max = raw_max
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     if max == f32::NEG_INFINITY {
         return Err(SamplerError::AllImpossible);
     }
@@ -187,10 +209,20 @@ fn scan(logits: &[f32], raw_max: &mut Vec<f32>, k: &Kernels) -> Result<f32, Samp
 /// Step 2: `log(sum(exp(logits)))`, shifted by the maximum so that no term overflows.
 fn log_normalizer(logits: &[f32], max: f32, precision: LogprobPrecision, k: &Kernels) -> f64 {
     let sum: f64 = match precision {
-        LogprobPrecision::Exact => logits.chunks(BLOCK).map(|b| (k.exp_sum)(b, 1.0, f64::from(max))).sum(),
+        LogprobPrecision::Exact => logits
+            .chunks(BLOCK)
+            .map(|b| (k.exp_sum)(b, 1.0, f64::from(max)))
+            .sum(),
         LogprobPrecision::Fast => {
-            let shift = FastShift { reference: max, scale: 1.0, offset: 0.0 };
-            logits.chunks(BLOCK).map(|b| (k.fast_exp_sum)(b, shift).sum).sum()
+            let shift = FastShift {
+                reference: max,
+                scale: 1.0,
+                offset: 0.0,
+            };
+            logits
+                .chunks(BLOCK)
+                .map(|b| (k.fast_exp_sum)(b, shift).sum)
+                .sum()
         }
     };
     f64::from(max) + sum.ln()
@@ -213,7 +245,10 @@ fn top_raw(logits: &[f32], raw_max: &[f32], k: usize, top: &mut Vec<(u32, f32)>)
     for (b, &block_max) in raw_max.iter().enumerate() {
         if block_max >= threshold {
             let lo = b * BLOCK;
-            for (i, &x) in logits[lo..(lo + BLOCK).min(logits.len())].iter().enumerate() {
+            for (i, &x) in logits[lo..(lo + BLOCK).min(logits.len())]
+                .iter()
+                .enumerate()
+            {
                 offer_top(top, k, (lo + i) as u32, x);
             }
         }
@@ -271,7 +306,11 @@ fn fill_touched(
     touched: &mut Vec<Touched>,
 ) {
     touched.clear();
-    let counts: &[(u32, u32)] = if params.penalised { state.counts() } else { &[] };
+    let counts: &[(u32, u32)] = if params.penalised {
+        state.counts()
+    } else {
+        &[]
+    };
     let bias = &params.logit_bias[..];
     let (mut i, mut j) = (0, 0);
     while i < bias.len() || j < counts.len() {
@@ -293,7 +332,11 @@ fn fill_touched(
         if mask.is_some_and(|m| !is_allowed(m, id as usize)) {
             value = f64::NEG_INFINITY;
         }
-        touched.push(Touched { id, value, weight: 0.0 });
+        touched.push(Touched {
+            id,
+            value,
+            weight: 0.0,
+        });
     }
 }
 
@@ -308,7 +351,12 @@ fn touched_before<'a>(touched: &'a [Touched], cursor: &mut usize, hi: usize) -> 
 
 /// A block as the later stages see it: touched tokens set to `-inf` (their weights are handled
 /// apart). Copies into `patch` only when the block has touched tokens.
-fn effective_block<'a>(base: &'a [f32], b: usize, touched: &[Touched], patch: &'a mut [f32]) -> &'a [f32] {
+fn effective_block<'a>(
+    base: &'a [f32],
+    b: usize,
+    touched: &[Touched],
+    patch: &'a mut [f32],
+) -> &'a [f32] {
     let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(base.len()));
     let block = &base[lo..hi];
     if touched.is_empty() {
@@ -324,7 +372,13 @@ fn effective_block<'a>(base: &'a [f32], b: usize, touched: &[Touched], patch: &'
 
 /// Block maxima of the effective (untouched, allowed) logits; returns their maximum.
 fn effective_maxima(base: &[f32], masked: bool, scratch: &mut Scratch, k: &Kernels) -> f32 {
-    let Scratch { raw_max, effective_max, touched, patch, .. } = scratch;
+    let Scratch {
+        raw_max,
+        effective_max,
+        touched,
+        patch,
+        ..
+    } = scratch;
     effective_max.clear();
     let mut cursor = 0;
     for (b, &raw) in raw_max.iter().enumerate() {
@@ -337,7 +391,9 @@ fn effective_maxima(base: &[f32], masked: bool, scratch: &mut Scratch, k: &Kerne
         };
         effective_max.push(m);
     }
-    effective_max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    effective_max
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 fn nothing_allowed(masked: bool) -> SamplerError {
@@ -349,11 +405,22 @@ fn nothing_allowed(masked: bool) -> SamplerError {
 }
 
 /// Step 6, greedy: the highest value, ties to the lowest id.
-fn greedy(logits: &[f32], masked: bool, scratch: &mut Scratch, untouched_max: f32) -> Result<u32, SamplerError> {
+fn greedy(
+    logits: &[f32],
+    masked: bool,
+    scratch: &mut Scratch,
+    untouched_max: f32,
+) -> Result<u32, SamplerError> {
     let mut best: Option<(f64, u32)> = None;
     if untouched_max > f32::NEG_INFINITY {
-        let b = scratch.effective_max.iter().position(|&m| m == untouched_max).unwrap_or(0);
-        let mut cursor = scratch.touched.partition_point(|t| (t.id as usize) < b * BLOCK);
+        let b = scratch
+            .effective_max
+            .iter()
+            .position(|&m| m == untouched_max)
+            .unwrap_or(0);
+        let mut cursor = scratch
+            .touched
+            .partition_point(|t| (t.id as usize) < b * BLOCK);
         let hi = ((b + 1) * BLOCK).min(logits.len());
         let in_block = touched_before(&scratch.touched, &mut cursor, hi);
         let block = effective_block(logits, b, in_block, &mut scratch.patch);
@@ -400,32 +467,54 @@ fn draw(
 
     // The fast sums: `z = (x - reference) * scale + offset` equals `x * inv_t - m` with the
     // reference at the untouched maximum, so that z is 0 there and small where weights matter.
-    let reference = if untouched_max > f32::NEG_INFINITY { untouched_max } else { 0.0 };
+    let reference = if untouched_max > f32::NEG_INFINITY {
+        untouched_max
+    } else {
+        0.0
+    };
     let offset = (f64::from(reference) * inv_t - m) as f32;
-    let shift = FastShift { reference, scale: inv_t as f32, offset };
+    let shift = FastShift {
+        reference,
+        scale: inv_t as f32,
+        offset,
+    };
     let mut fast = FastSum::default();
     {
-        let Scratch { raw_max, effective_max, fast_sums, touched, patch, .. } = scratch;
+        let Scratch {
+            raw_max,
+            effective_max,
+            fast_sums,
+            touched,
+            patch,
+            ..
+        } = scratch;
         fast_sums.clear();
         let mut cursor = 0;
-        for b in 0..raw_max.len() {
+        for (b, &block_max) in effective_max.iter().enumerate().take(raw_max.len()) {
             let hi = ((b + 1) * BLOCK).min(logits.len());
             let in_block = touched_before(touched, &mut cursor, hi);
-            let sum = if effective_max[b] == f32::NEG_INFINITY {
+            let sum = if block_max == f32::NEG_INFINITY {
                 FastSum::default()
             } else {
                 (k.fast_exp_sum)(effective_block(logits, b, in_block, patch), shift)
             };
             fast_sums.push(sum);
-            fast = fast.add(sum);
+            fast = fast + sum;
         }
     }
     // Not finite only for absurd inputs (logits near f32::MAX): then every decision goes exact.
-    let bound = Some(fast.error_bound(offset, logits.len())).filter(|b| b.is_finite()).unwrap_or(f64::INFINITY);
+    let bound = Some(fast.error_bound(offset, logits.len()))
+        .filter(|b| b.is_finite())
+        .unwrap_or(f64::INFINITY);
     let total = fast.sum + touched_total;
     let u = rng.next_uniform();
 
-    let row = Row { logits, inv_t, m, k };
+    let row = Row {
+        logits,
+        inv_t,
+        m,
+        k,
+    };
     if params.nucleus {
         Ok(row.nucleus_draw(scratch, params.top_p, total, bound, u))
     } else {
@@ -449,7 +538,12 @@ impl Row<'_> {
 
     /// Exact weights of block `b` into `scratch.weights`, touched tokens at their own weights.
     fn exact_block_weights(&self, scratch: &mut Scratch, b: usize, cursor: &mut usize) -> usize {
-        let Scratch { touched, patch, weights, .. } = scratch;
+        let Scratch {
+            touched,
+            patch,
+            weights,
+            ..
+        } = scratch;
         let hi = ((b + 1) * BLOCK).min(self.logits.len());
         let in_block = touched_before(touched, cursor, hi);
         let block = effective_block(self.logits, b, in_block, patch);
@@ -485,7 +579,14 @@ impl Row<'_> {
 
     /// Step 7 and 8 with top-p: candidates are the tokens above a weight level, widened until
     /// their mass reaches `top_p` of the total.
-    fn nucleus_draw(&self, scratch: &mut Scratch, top_p: f64, total: f64, bound: f64, u: f64) -> u32 {
+    fn nucleus_draw(
+        &self,
+        scratch: &mut Scratch,
+        top_p: f64,
+        total: f64,
+        bound: f64,
+        u: f64,
+    ) -> u32 {
         let mut thresholds = (top_p * (total - bound), top_p * (total + bound));
         let mut kept = None;
         for level in NUCLEUS_LEVELS {
@@ -533,8 +634,19 @@ impl Row<'_> {
         let floor = level.exp();
         // z >= level  <=>  x >= (level + m) / inv_t; the slack keeps every token the exact test keeps.
         let cut = ((level + self.m) / self.inv_t) as f32;
-        let cut = if level == f64::NEG_INFINITY { f32::NEG_INFINITY } else { cut - cut.abs() * 1e-5 - 1e-5 };
-        let Scratch { effective_max, touched, patch, candidates, weights, .. } = scratch;
+        let cut = if level == f64::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else {
+            cut - cut.abs() * 1e-5 - 1e-5
+        };
+        let Scratch {
+            effective_max,
+            touched,
+            patch,
+            candidates,
+            weights,
+            ..
+        } = scratch;
         candidates.clear();
         let mut cursor = 0;
         for (b, &block_max) in effective_max.iter().enumerate() {
@@ -602,7 +714,13 @@ impl Row<'_> {
     /// `target`. Returns the token and the running sums just before and after it. With `to_end`
     /// it goes on past a block whose tokens did not reach the target (sums rounded differently)
     /// and ends on the last possible token, as the first sampler did.
-    fn walk(&self, scratch: &mut Scratch, sums: &[f64], target: f64, to_end: bool) -> Option<(u32, f64, f64)> {
+    fn walk(
+        &self,
+        scratch: &mut Scratch,
+        sums: &[f64],
+        target: f64,
+        to_end: bool,
+    ) -> Option<(u32, f64, f64)> {
         let mut mass = 0.0;
         let mut last_possible = None;
         let mut b = 0;
@@ -612,7 +730,9 @@ impl Row<'_> {
                 b += 1;
                 continue;
             }
-            let mut cursor = scratch.touched.partition_point(|t| (t.id as usize) < b * BLOCK);
+            let mut cursor = scratch
+                .touched
+                .partition_point(|t| (t.id as usize) < b * BLOCK);
             let len = self.exact_block_weights(scratch, b, &mut cursor);
             for (i, &w) in scratch.weights[..len].iter().enumerate() {
                 if w > 0.0 {
@@ -638,7 +758,9 @@ impl Row<'_> {
     /// The last token with a positive weight (when the target rounded up to the total).
     fn last_positive(&self, scratch: &mut Scratch, sums: &[f64]) -> Option<(u32, f64, f64)> {
         let b = sums.iter().rposition(|&s| s > 0.0)?;
-        let mut cursor = scratch.touched.partition_point(|t| (t.id as usize) < b * BLOCK);
+        let mut cursor = scratch
+            .touched
+            .partition_point(|t| (t.id as usize) < b * BLOCK);
         let len = self.exact_block_weights(scratch, b, &mut cursor);
         let i = scratch.weights[..len].iter().rposition(|&w| w > 0.0)?;
         Some(((b * BLOCK + i) as u32, 0.0, 0.0))
@@ -648,7 +770,8 @@ impl Row<'_> {
 /// Sorts `candidates` heaviest first (ties: lower id) as far as needed and returns the first
 /// index where the running mass reaches each threshold (`None` where it never does).
 fn crossing(candidates: &mut [(u32, f64)], (lo, hi): (f64, f64)) -> (Option<usize>, Option<usize>) {
-    let heavier_first = |a: &(u32, f64), b: &(u32, f64)| -> Ordering { b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)) };
+    let heavier_first =
+        |a: &(u32, f64), b: &(u32, f64)| -> Ordering { b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)) };
     let (mut first_lo, mut sorted, mut chunk, mut mass) = (None, 0, FIRST_NUCLEUS_CHUNK, 0.0);
     while sorted < candidates.len() {
         let rest = &mut candidates[sorted..];
@@ -671,3 +794,6 @@ fn crossing(candidates: &mut [(u32, f64)], (lo, hi): (f64, f64)) -> (Option<usiz
     }
     (first_lo, None)
 }
+
+#[cfg(test)]
+mod tests;
