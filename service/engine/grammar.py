@@ -51,6 +51,7 @@ class GrammarMatcher:
 
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self._matcher = matcher
+        self._check()
 
     def fill_mask(self, row: np.ndarray) -> None:
         """Write the allowed-token bitmask (uint32 words, bit j = token j) into `row`."""

@@ -166,7 +166,11 @@ class Scheduler:
                     self._condition.wait()
                 if self._stopping:
                     break
-                self._admit()
+                admitted = self._take_admissible()
+            # Set-up (sampler state, grammar matcher) happens outside the lock: submit() takes the
+            # lock on the asyncio loop, which must never wait for a grammar to compile.
+            for request in admitted:
+                self._start(request)
             if self._active:
                 try:
                     self._step()
@@ -177,10 +181,22 @@ class Scheduler:
         for sequence in list(self._active) + [s for request in self._waiting for s in request]:
             self._fail(sequence, "the server is shutting down")
 
-    def _admit(self) -> None:
-        while self._waiting and len(self._free_slots) >= len(self._waiting[0]):
-            for sequence in self._waiting.popleft():
-                sequence.seq_id = self._free_slots.pop()
+    def _take_admissible(self) -> list[list[Sequence]]:
+        """Waiting requests, oldest first, while enough sequence slots are free for all their choices."""
+        admitted = []
+        free = len(self._free_slots)
+        while self._waiting and free >= len(self._waiting[0]):
+            request = self._waiting.popleft()
+            free -= len(request)
+            admitted.append(request)
+        return admitted
+
+    def _start(self, request: list[Sequence]) -> None:
+        for sequence in request:
+            sequence.seq_id = self._free_slots.pop()
+            self._active.append(sequence)
+        try:
+            for sequence in request:
                 sampling = sequence.generation.sampling
                 self._sampler.add(
                     sequence.seq_id,
@@ -195,7 +211,9 @@ class Scheduler:
                 )
                 if sequence.generation.grammar is not None:
                     sequence.grammar = self._grammars.matcher(sequence.generation.grammar)
-                self._active.append(sequence)
+        except (ValueError, RuntimeError) as error:
+            for sequence in request:
+                self._fail(sequence, f"could not start generation: {error}")
 
     def _release(self, sequence: Sequence) -> None:
         self._active.remove(sequence)
@@ -207,6 +225,8 @@ class Scheduler:
     def _fail(self, sequence: Sequence, message: str) -> None:
         if sequence in self._active:
             self._release(sequence)
+        elif sequence.finished:
+            return  # already ended and reported
         sequence.fail(message)
         for sibling in sequence.siblings:
             if sibling.awaiting_fork and not sibling.finished:
