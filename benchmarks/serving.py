@@ -1,0 +1,646 @@
+"""Serving benchmark: a bounded load generator for streaming chat completions, loopback only.
+
+    .venv/bin/python benchmarks/serving.py --openai-url http://127.0.0.1:8000/v1   # any OpenAI-compatible server
+    .venv/bin/python benchmarks/serving.py --grpc 127.0.0.1:50051                  # chatrpc's gRPC service
+    .venv/bin/python benchmarks/serving.py --compare [--json results.json]          # starts, measures, stops all three
+
+Every request streams, is greedy (temperature 0) and asks for `--max-tokens` (128) tokens with the
+model's end tokens banned through logit_bias, so that each one generates exactly that many; the
+prompts cycle over a fixed list of 16 short ones. Per concurrency level (1, 4, 8, 16) a fixed number
+of requests runs on that many concurrent streams, under a wall-clock cap: nothing new starts after
+it, and what is still running at twice the cap is cancelled and counted as an error.
+
+Per level:
+  aggregate tok/s    completion tokens of all requests / wall time from the first send to the last end
+  per-stream tok/s   median over requests of (tokens - 1) / (last token's arrival - first token's arrival)
+  TTFT p50 / p95     time from sending a request to its first content token
+  e2e p50 / p95      time from sending a request to the end of its stream
+  errors             requests that failed, were cancelled by the cap, or ended with fewer tokens
+  other load         (--compare) the most, over the rounds, of the CPUs' time that processes other
+                     than this benchmark and its servers took during the level
+Tokens are counted from the usage chunk when the server sends one (stream_options.include_usage),
+else as content chunks. Also measured:
+  multi-turn         a chat of `--turns` (6) turns, each request resending the whole history (the
+                     previous answers and a new question); the TTFT of each turn
+  REST overhead      (--compare) p50 latency of one-token requests through REST and through gRPC,
+                     alternated, and the difference
+
+--compare runs chatrpc (`chatrpc serve --parallel 8`) and the peer, llama-cpp-python's own server
+(`python -m llama_cpp.server`, the `llama-cpp-python[server]` extra), on free loopback ports and the
+same model, measures chatrpc via REST, chatrpc via gRPC and the peer, and prints markdown tables of
+the medians over `--repeats` (3) rounds; in each round every target runs in turn, so that drifting
+load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
+up to `--quiet-wait` seconds, for other processes to leave the CPUs mostly idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import httpx
+
+from chatrpc.v1 import chat_pb2, chat_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_ID = "gemma-3-270m"
+END_TOKENS = (1, 106, 212)  # Gemma 3's <eos>, <end_of_turn> and the other end-of-generation token
+LEVELS = (1, 4, 8, 16)
+# One wave of requests per level (two at one stream); with 3 rounds a full --compare takes ~15 min.
+DEFAULT_REQUESTS = {1: 2, 4: 4, 8: 8, 16: 16}
+
+PROMPTS = [
+    "Explain how a lighthouse works.",
+    "Write a short poem about autumn rain.",
+    "What are the main causes of ocean tides?",
+    "Describe a busy market in the morning.",
+    "Give three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Tell a story about a robot who learns to paint.",
+    "Summarise the water cycle for a child.",
+    "What makes a good cup of coffee?",
+    "Describe the life of a honeybee.",
+    "How do trains stay on their tracks?",
+    "Write a letter to a friend about a trip to the mountains.",
+    "What is the difference between weather and climate?",
+    "Explain how bread rises.",
+    "Describe a city at night from a rooftop.",
+    "List some ways to save energy at home.",
+]
+CHAT_TURNS = [
+    "I want to plan a small vegetable garden. Where should I start?",
+    "Which vegetables are easiest for a beginner?",
+    "How often should I water them?",
+    "What can I do about slugs?",
+    "When should I harvest the tomatoes?",
+    "Can you summarise the plan in a few steps?",
+]
+
+
+# --- one request -------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    error: str = ""
+    ttft: float = 0.0  # seconds to the first content token
+    latency: float = 0.0  # seconds to the end of the stream
+    tokens: int = 0
+    text: str = ""
+    first_arrival: float = 0.0
+    last_arrival: float = 0.0
+
+    @property
+    def stream_rate(self) -> float | None:
+        span = self.last_arrival - self.first_arrival
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else None
+
+
+class StreamTimer:
+    """Turns content arrivals into a RequestResult; times are from the send."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.parts: list[str] = []
+        self.first = self.last = 0.0
+        self.usage_tokens: int | None = None
+
+    def content(self, text: str) -> None:
+        now = time.perf_counter() - self.start
+        if not self.parts:
+            self.first = now
+        self.last = now
+        self.parts.append(text)
+
+    def result(self) -> RequestResult:
+        tokens = self.usage_tokens if self.usage_tokens is not None else len(self.parts)
+        return RequestResult(
+            ok=bool(self.parts), error="" if self.parts else "no content", ttft=self.first,
+            latency=time.perf_counter() - self.start, tokens=tokens, text="".join(self.parts),
+            first_arrival=self.first, last_arrival=self.last,
+        )  # fmt: skip
+
+
+class OpenAIClient:
+    """Streaming chat completions over HTTP with server-sent events, as any OpenAI client sends them."""
+
+    def __init__(self, base_url: str, model: str = MODEL_ID, api_key: str | None = None) -> None:
+        require_loopback(urlsplit(base_url).hostname or "")
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600, connect=10),
+                                      limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+
+    async def stream(self, messages: list[dict], max_tokens: int) -> RequestResult:
+        body = {
+            "model": self.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+            "temperature": 0, "max_tokens": max_tokens, "logit_bias": {str(t): -100 for t in END_TOKENS},
+        }  # fmt: skip
+        timer = StreamTimer()
+        try:
+            async with self.http.stream("POST", self.url, json=body) as response:
+                if response.status_code != 200:
+                    body_start = (await response.aread())[:200]
+                    return RequestResult(ok=False, error=f"HTTP {response.status_code}: {body_start!r}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if chunk.get("usage"):
+                        timer.usage_tokens = chunk["usage"]["completion_tokens"]
+                    for choice in chunk.get("choices", []):
+                        if choice.get("delta", {}).get("content"):
+                            timer.content(choice["delta"]["content"])
+        except (httpx.HTTPError, json.JSONDecodeError) as error:
+            return RequestResult(ok=False, error=f"{type(error).__name__}: {error}")
+        return timer.result()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class GrpcClient:
+    """chatrpc's StreamChatCompletion, called directly."""
+
+    ROLES = {"user": chat_pb2.ROLE_USER, "assistant": chat_pb2.ROLE_ASSISTANT, "system": chat_pb2.ROLE_SYSTEM}
+
+    def __init__(self, target: str, model: str = MODEL_ID, api_key: str | None = None) -> None:
+        require_loopback(urlsplit(f"//{target}").hostname or "")
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = chat_pb2_grpc.ChatCompletionsStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self.model = model
+
+    async def stream(self, messages: list[dict], max_tokens: int) -> RequestResult:
+        request = chat_pb2.ChatCompletionRequest(
+            model=self.model, temperature=0, max_tokens=max_tokens, stream=True,
+            messages=[chat_pb2.ChatMessage(role=self.ROLES[m["role"]], text=m["content"]) for m in messages],
+            logit_bias={t: -100 for t in END_TOKENS},
+            stream_options=chat_pb2.StreamOptions(include_usage=True),
+        )  # fmt: skip
+        timer = StreamTimer()
+        try:
+            async for chunk in self.stub.StreamChatCompletion(request, metadata=self.metadata):
+                if chunk.HasField("usage"):
+                    timer.usage_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        timer.content(choice.delta.content)
+        except grpc.aio.AioRpcError as error:
+            return RequestResult(ok=False, error=f"{error.code().name}: {error.details()}")
+        return timer.result()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def require_loopback(host: str) -> None:
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    sys.exit(f"refusing {host!r}: this benchmark only talks to loopback addresses")
+
+
+# --- a concurrency level, a chat ---------------------------------------------------------------
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    completed: int
+    errors: int
+    wall: float
+    tokens: int
+    aggregate_rate: float
+    stream_rate: float
+    ttft_p50: float
+    ttft_p95: float
+    latency_p50: float
+    latency_p95: float
+    foreign_load: float = 0.0  # share of the machine's CPUs other processes used during the level
+    tokens_per_request: list[int] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+async def run_level(client, concurrency: int, requests: int, max_tokens: int, cap: float) -> LevelResult:
+    prompts = iter(range(requests))
+    results: list[RequestResult] = []
+    skipped = 0
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        nonlocal skipped
+        for index in prompts:
+            if time.perf_counter() - start > cap:
+                skipped += 1
+                return
+            messages = [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+            result = await client.stream(messages, max_tokens)
+            if result.ok and result.tokens != max_tokens:
+                result.ok, result.error = False, f"{result.tokens} tokens instead of {max_tokens}"
+            results.append(result)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    _, running = await asyncio.wait(tasks, timeout=2 * cap)
+    for task in running:
+        task.cancel()
+    cancelled = skipped + sum(1 for _ in prompts) + len(running)  # never started, or cut off by the cap
+    wall = time.perf_counter() - start
+    good = [r for r in results if r.ok]
+    tokens = sum(r.tokens for r in results)
+    rates = [r.stream_rate for r in good if r.stream_rate is not None]
+    return LevelResult(
+        concurrency=concurrency, requests=requests, completed=len(good), errors=requests - len(good), wall=wall,
+        tokens=tokens, aggregate_rate=tokens / wall,
+        stream_rate=statistics.median(rates) if rates else float("nan"),
+        ttft_p50=percentile([r.ttft for r in good], 0.5), ttft_p95=percentile([r.ttft for r in good], 0.95),
+        latency_p50=percentile([r.latency for r in good], 0.5),
+        latency_p95=percentile([r.latency for r in good], 0.95),
+        tokens_per_request=[r.tokens for r in results],
+        error_samples=[r.error for r in results if not r.ok][:3] + ([f"{cancelled} cut by the cap"] * bool(cancelled)),
+    )  # fmt: skip
+
+
+async def run_chat(client, turns: int, max_tokens: int) -> list[dict]:
+    """One chat, the whole history resent each turn; the TTFT of each turn."""
+    messages: list[dict] = []
+    report = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": CHAT_TURNS[turn % len(CHAT_TURNS)]})
+        result = await client.stream(messages, max_tokens)
+        report.append({"turn": turn + 1, "ok": result.ok, "ttft": result.ttft, "tokens": result.tokens,
+                       "history_chars": sum(len(m["content"]) for m in messages), "error": result.error})
+        if not result.ok:
+            break
+        messages.append({"role": "assistant", "content": result.text})
+    return report
+
+
+async def rest_overhead(rest: OpenAIClient, grpc_client: GrpcClient, pairs: int) -> dict:
+    """p50 latency of one-token requests through REST and directly through gRPC, alternated."""
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    times: dict[str, list[float]] = {"rest": [], "grpc": []}
+    for _ in range(pairs):
+        for name, client in (("rest", rest), ("grpc", grpc_client)):
+            result = await client.stream(messages, 1)
+            if result.ok:
+                times[name].append(result.latency)
+    p50 = {name: statistics.median(values) if values else float("nan") for name, values in times.items()}
+    return {"pairs": pairs, "rest_p50": p50["rest"], "grpc_p50": p50["grpc"], "overhead_p50": p50["rest"] - p50["grpc"]}
+
+
+# --- the rest of the machine ------------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_ticks() -> int:
+    """CPU time of everything on the machine (user, system, interrupts, steal), in clock ticks."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def process_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+class ForeignLoad:
+    """The share of the machine's CPUs used by processes other than this benchmark and its servers.
+
+    The machine is shared: a level that ran beside someone's test suite is flagged, and each level
+    waits (a bounded time) for the machine to be quiet before it starts.
+    """
+
+    def __init__(self, own_roots: list[int], *, knows_servers: bool) -> None:
+        self.own = sorted({pid for root in own_roots for pid in descendants(root)})
+        self.knows_servers = knows_servers  # else a level's share would count the server's own work
+        self.cpus = os.cpu_count() or 1
+
+    def snapshot(self) -> tuple[float, int, int]:
+        return time.monotonic(), machine_busy_ticks(), process_ticks(self.own)
+
+    def since(self, before: tuple[float, int, int]) -> float:
+        now = self.snapshot()
+        elapsed = (now[0] - before[0]) * CLOCK_TICKS * self.cpus
+        return max(0.0, ((now[1] - before[1]) - (now[2] - before[2])) / elapsed) if elapsed > 0 else 0.0
+
+    async def wait_quiet(self, threshold: float, timeout: float) -> float:
+        """Wait until the foreign load over one second is under `threshold`; the last share seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            before = self.snapshot()
+            await asyncio.sleep(1.0)
+            share = self.since(before)
+            if share < threshold or time.monotonic() > deadline:
+                return share
+
+
+# --- the servers -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on loopback ports, its output in a log file; stopped on exit."""
+
+    def __init__(self, name: str, command: list[str], health_url: str, log_dir: Path) -> None:
+        self.name, self.health_url = name, health_url
+        self.log_path = log_dir / f"{name}.log"
+        env = dict(os.environ)
+        env.pop("CHATRPC_API_KEYS", None)
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.health_url, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not become ready:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def chatrpc_command(grpc_port: int, rest_port: int, parallel: int) -> list[str]:
+    return [
+        sys.executable, "-m", "chatrpc", "serve", "--grpc-port", str(grpc_port), "--port", str(rest_port),
+        "--parallel", str(parallel), "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def peer_command(port: int, model_path: str, threads: int) -> list[str]:
+    # Its best settings here: all cores for decode too (its default is one thread), flash attention
+    # as chatrpc has it, logits only for the last position (the default computes them for every
+    # prompt token), and queued requests wait instead of interrupting the running one.
+    return [
+        sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", MODEL_ID,
+        "--chat_format", "gemma", "--n_ctx", "4096", "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        "--flash_attn", "True", "--logits_all", "False", "--interrupt_requests", "False", "--verbose", "False",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+# --- the runs ----------------------------------------------------------------------------------
+
+
+def requests_for(level: int, args: argparse.Namespace) -> int:
+    return args.requests or DEFAULT_REQUESTS.get(level, 2 * level)
+
+
+async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace) -> dict:
+    """`repeats` rounds; in each, every target runs every level; then one chat per target."""
+    levels: dict = {name: {level: [] for level in args.levels} for name in clients}
+    chats: dict = {name: [] for name in clients}
+    for client in clients.values():  # warm-up: connections, the first allocations
+        await client.stream([{"role": "user", "content": PROMPTS[0]}], 8)
+    for round_index in range(args.repeats):
+        for name, client in clients.items():
+            for level in args.levels:
+                await load.wait_quiet(args.quiet_below, args.quiet_wait)
+                before = load.snapshot()
+                result = await run_level(client, level, requests_for(level, args), args.max_tokens, args.cap)
+                result.foreign_load = load.since(before) if load.knows_servers else float("nan")
+                levels[name][level].append(result)
+                log(f"round {round_index + 1} {name:>16} c={level:<2} {result.aggregate_rate:5.1f} tok/s, "
+                    f"{result.stream_rate:5.1f} per stream, TTFT p50 {result.ttft_p50 * 1e3:5.0f} ms, "
+                    f"other load {result.foreign_load:4.0%}, errors {result.errors}"
+                    + (f" {result.error_samples}" if result.errors else ""))
+    for name, client in clients.items():
+        for _ in range(args.chat_repeats if args.turns else 0):
+            await load.wait_quiet(args.quiet_below, args.quiet_wait)
+            chat = await run_chat(client, args.turns, args.max_tokens)
+            chats[name].append(chat)
+            log(f"chat {name:>16} TTFT ms: " + " ".join(f"{t['ttft'] * 1e3:.0f}" for t in chat))
+    return {"levels": levels, "chats": chats}
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def median_of(results: list[LevelResult], name: str) -> float:
+    return statistics.median(getattr(r, name) for r in results)
+
+
+def level_table(levels: dict) -> list[str]:
+    lines = [
+        "| target | streams | requests | aggregate tok/s | per-stream tok/s | TTFT p50 ms | TTFT p95 ms "
+        "| e2e p50 s | e2e p95 s | errors | other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, by_level in levels.items():
+        for level, results in by_level.items():
+            m = {key: median_of(results, key) for key in
+                 ("aggregate_rate", "stream_rate", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95")}
+            errors = sum(r.errors for r in results)
+            lines.append(
+                f"| {name} | {level} | {results[0].requests} × {len(results)} | {m['aggregate_rate']:.1f} "
+                f"| {m['stream_rate']:.1f} | {m['ttft_p50'] * 1e3:.0f} | {m['ttft_p95'] * 1e3:.0f} "
+                f"| {m['latency_p50']:.2f} | {m['latency_p95']:.2f} | {errors} "
+                f"| {percent(max(r.foreign_load for r in results))} |"
+            )
+    return lines
+
+
+def percent(share: float) -> str:
+    return "–" if share != share else f"{share:.0%}"  # NaN: not measured
+
+
+def chat_table(chats: dict) -> list[str]:
+    names = [name for name, runs in chats.items() if runs]
+    if not names:
+        return []
+    turns = max(len(run) for runs in chats.values() for run in runs)
+    lines = ["| turn | history chars | " + " | ".join(f"{n} TTFT ms" for n in names) + " |",
+             "|---:|---:|" + "---:|" * len(names)]
+    for turn in range(turns):
+        cells = []
+        for name in names:
+            values = [run[turn]["ttft"] for run in chats[name] if len(run) > turn and run[turn]["ok"]]
+            cells.append(f"{statistics.median(values) * 1e3:.0f}" if values else "–")
+        chars = statistics.median(run[turn]["history_chars"] for run in chats[names[0]] if len(run) > turn)
+        lines.append(f"| {turn + 1} | {chars:.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import llama_cpp
+
+    return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+            f"llama-cpp-python {llama_cpp.__version__}, {datetime.date.today().isoformat()}")
+
+
+async def run_single(args: argparse.Namespace) -> dict:
+    client = OpenAIClient(args.openai_url, args.model, args.api_key) if args.openai_url else \
+        GrpcClient(args.grpc, args.model, args.api_key)
+    try:
+        # The server is idle between levels, so its CPU use then counts as foreign: wait_quiet still works.
+        load = ForeignLoad([os.getpid()], knows_servers=False)
+        return await measure({args.openai_url or args.grpc: client}, load, args)
+    finally:
+        await client.close()
+
+
+async def run_compare(args: argparse.Namespace) -> dict:
+    from service.models import embedded_model_path
+
+    log_dir = Path(tempfile.mkdtemp(prefix="chatrpc-serving-"))
+    grpc_port, rest_port, peer_port = free_port(), free_port(), free_port()
+    servers = [
+        Server("chatrpc", chatrpc_command(grpc_port, rest_port, args.parallel),
+               f"http://127.0.0.1:{rest_port}/health", log_dir),
+        Server("llama-cpp-python", peer_command(peer_port, str(embedded_model_path()), os.cpu_count() or 1),
+               f"http://127.0.0.1:{peer_port}/v1/models", log_dir),
+    ]  # fmt: skip
+    clients: dict = {}
+    try:
+        for server in servers:
+            server.wait_ready()
+        clients = {
+            "chatrpc REST": OpenAIClient(f"http://127.0.0.1:{rest_port}/v1"),
+            "chatrpc gRPC": GrpcClient(f"127.0.0.1:{grpc_port}"),
+            "llama-cpp-python": OpenAIClient(f"http://127.0.0.1:{peer_port}/v1"),
+        }
+        load = ForeignLoad([os.getpid()] + [server.process.pid for server in servers], knows_servers=True)
+        results = await measure(clients, load, args)
+        results["rest_overhead"] = await rest_overhead(
+            clients["chatrpc REST"], clients["chatrpc gRPC"], args.overhead_pairs)
+        return results
+    finally:
+        for client in clients.values():
+            await client.close()
+        for server in servers:
+            server.stop()
+        print(f"server logs: {log_dir}", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="streaming chat completion load generator (loopback only)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--openai-url", help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    target.add_argument("--grpc", help="chatrpc's gRPC target, e.g. 127.0.0.1:50051")
+    target.add_argument("--compare", action="store_true",
+                        help="start chatrpc and llama-cpp-python's server, measure both")
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=list(LEVELS),
+                        help="concurrency levels (default: 1,4,8,16)")
+    parser.add_argument("--requests", type=int, default=0,
+                        help=f"requests per level (default, level: requests: {DEFAULT_REQUESTS})")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the tables show medians (default: 3)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
+    parser.add_argument("--turns", type=int, default=6, help="turns of the multi-turn chat, 0 for none (default: 6)")
+    parser.add_argument("--chat-repeats", type=int, default=1, help="chats per target (default: 1)")
+    parser.add_argument("--quiet-below", type=float, default=0.25,
+                        help="before a level, wait until other processes use less than this share of the CPUs "
+                             "(default: 0.25)")
+    parser.add_argument("--quiet-wait", type=float, default=60,
+                        help="but no longer than this, in seconds (default: 60)")
+    parser.add_argument("--cap", type=float, default=120, help="seconds a level may start requests (default: 120)")
+    parser.add_argument("--parallel", type=int, default=8, help="chatrpc's --parallel in --compare (default: 8)")
+    parser.add_argument("--overhead-pairs", type=int, default=30,
+                        help="REST/gRPC request pairs in --compare (default: 30)")
+    parser.add_argument("--model", default=MODEL_ID, help=f"model id to request (default: {MODEL_ID})")
+    parser.add_argument("--api-key", help="bearer key, if the server wants one")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    results = asyncio.run(run_compare(args) if args.compare else run_single(args))
+
+    print(f"\n{machine()}; {args.max_tokens} tokens per request, {args.repeats} rounds, medians\n")
+    print("\n".join(level_table(results["levels"])))
+    if any(results["chats"].values()):
+        print(f"\nMulti-turn chat, {args.turns} turns, the whole history resent each turn (median TTFT):\n")
+        print("\n".join(chat_table(results["chats"])))
+    if "rest_overhead" in results:
+        o = results["rest_overhead"]
+        print(f"\nREST overhead, one-token requests, {o['pairs']} pairs alternated: "
+              f"REST p50 {o['rest_p50'] * 1e3:.1f} ms, "
+              f"gRPC p50 {o['grpc_p50'] * 1e3:.1f} ms, difference {o['overhead_p50'] * 1e3:+.1f} ms")
+    print(f"\n(run took {time.monotonic() - started:.0f} s)")
+    if args.json:
+        levels = {name: {level: [asdict(r) for r in runs] for level, runs in by_level.items()}
+                  for name, by_level in results["levels"].items()}
+        record = {**results, "levels": levels, "machine": machine(), "argv": sys.argv}
+        args.json.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
