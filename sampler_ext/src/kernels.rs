@@ -33,6 +33,9 @@ pub struct Kernels {
     pub apply_mask: fn(&[f32], &[u32], &mut [f32]),
     /// The fast, f32 version of `exp_sum` (see [`FastSum`]).
     pub fast_exp_sum: fn(&[f32], FastShift) -> FastSum,
+    /// Bit `j % 32` of `out[j / 32]` set where `x[j] >= cut` and `x[j] > -inf`: the candidates of a
+    /// block found with vector compares, so that only the few tokens above the cut cost a branch.
+    pub above_mask: fn(&[f32], f32, &mut [u32]),
     pub name: &'static str,
 }
 
@@ -59,6 +62,7 @@ impl Kernels {
         exp_in_place: exp_in_place::<Separate>,
         fast_exp_sum: fast_exp_sum::<Separate>,
         apply_mask,
+        above_mask,
         name: "baseline",
     };
 
@@ -91,6 +95,10 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn apply_mask_avx2(x: &[f32], mask: &[u32], out: &mut [f32]) {
         apply_mask(x, mask, out)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn above_mask_avx2(x: &[f32], cut: f32, out: &mut [u32]) {
+        above_mask(x, cut, out)
     }
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp_in_place_avx2(z: &mut [f64]) {
@@ -182,6 +190,7 @@ mod avx2 {
         exp_in_place: |z| unsafe { exp_in_place_avx2(z) },
         fast_exp_sum: |x, shift| unsafe { fast_exp_sum_avx2(x, shift) },
         apply_mask: |x, mask, out| unsafe { apply_mask_avx2(x, mask, out) },
+        above_mask: |x, cut, out| unsafe { above_mask_avx2(x, cut, out) },
         name: "avx2+fma",
     };
 }
@@ -420,6 +429,47 @@ fn apply_mask(x: &[f32], mask: &[u32], out: &mut [f32]) {
 }
 
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // indexing by `i` is what makes the loop vectorise
+fn above_mask(x: &[f32], cut: f32, out: &mut [u32]) {
+    // The same shape as `apply_mask`: one constant per lane, a vector compare, AND and OR-reduce.
+    const BITS: [u32; 32] = {
+        let mut bits = [0; 32];
+        let mut i = 0;
+        while i < 32 {
+            bits[i] = 1 << i;
+            i += 1;
+        }
+        bits
+    };
+    let chunks = x.chunks_exact(32);
+    let tail = chunks.remainder();
+    let full = x.len() / 32;
+    for (word, chunk) in out.iter_mut().zip(chunks) {
+        let mut w = 0;
+        for i in 0..32 {
+            let v = chunk[i];
+            w |= if v >= cut && v > f32::NEG_INFINITY {
+                BITS[i]
+            } else {
+                0
+            };
+        }
+        *word = w;
+    }
+    if !tail.is_empty() {
+        let mut w = 0;
+        for (i, &v) in tail.iter().enumerate() {
+            w |= if v >= cut && v > f32::NEG_INFINITY {
+                BITS[i]
+            } else {
+                0
+            };
+        }
+        out[full] = w;
+    }
+}
+
+#[inline(always)]
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v < inf)` is meant to be true for NaN
 fn max_and_bad<M: MulAdd>(x: &[f32]) -> (f32, bool) {
     let mut max = [f32::NEG_INFINITY; LANES];
@@ -614,6 +664,37 @@ mod tests {
                     bound < 1e-4 * exact.max(1e-30) + 1e-30,
                     "bound too loose: {bound} for {exact}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn above_mask_marks_exactly_the_values_at_or_above_the_cut() {
+        let x: Vec<f32> = (0..300)
+            .map(|i| match i % 7 {
+                0 => f32::NEG_INFINITY,
+                1 => 0.5,
+                _ => ((i * 7919) % 300) as f32 * -0.01 + 1.0,
+            })
+            .collect();
+        for k in all_kernels() {
+            for len in [0usize, 1, 31, 32, 33, 256, 300] {
+                for cut in [f32::NEG_INFINITY, -1.5, 0.5, 0.75, 2.0] {
+                    let mut out = vec![u32::MAX; len.div_ceil(32)];
+                    (k.above_mask)(&x[..len], cut, &mut out);
+                    for (j, &v) in x[..len].iter().enumerate() {
+                        let bit = (out[j / 32] >> (j % 32)) & 1 == 1;
+                        assert_eq!(
+                            bit,
+                            v >= cut && v > f32::NEG_INFINITY,
+                            "{} {len} {cut} {j}",
+                            k.name
+                        );
+                    }
+                    if len % 32 != 0 {
+                        assert_eq!(out[len / 32] >> (len % 32), 0, "{} {len}", k.name);
+                    }
+                }
             }
         }
     }

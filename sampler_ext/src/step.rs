@@ -384,7 +384,9 @@ fn effective_maxima(base: &[f32], masked: bool, scratch: &mut Scratch, k: &Kerne
     for (b, &raw) in raw_max.iter().enumerate() {
         let hi = ((b + 1) * BLOCK).min(base.len());
         let in_block = touched_before(touched, &mut cursor, hi);
-        let m = if in_block.is_empty() && !masked {
+        // Without a mask the raw maximum stands unless a touched token holds it: only then is the
+        // block scanned again (bias and penalties touch ~half the blocks, seldom their maximum).
+        let m = if !masked && in_block.iter().all(|t| base[t.id as usize] != raw) {
             raw
         } else {
             (k.max_and_bad)(effective_block(base, b, in_block, patch)).0
@@ -642,23 +644,35 @@ impl Row<'_> {
         let Scratch {
             effective_max,
             touched,
-            patch,
             candidates,
             weights,
             ..
         } = scratch;
         candidates.clear();
         let mut cursor = 0;
+        // One bit per token of a block: vector compares find the few tokens above the cut, and a
+        // touched token is dropped by clearing its bit (its weight is added apart below), so the
+        // block is read in place instead of copied into a patch.
+        let mut above = [0u32; BLOCK / 32];
         for (b, &block_max) in effective_max.iter().enumerate() {
-            let hi = ((b + 1) * BLOCK).min(self.logits.len());
+            let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(self.logits.len()));
             let in_block = touched_before(touched, &mut cursor, hi);
             if block_max == f32::NEG_INFINITY || block_max < cut {
                 continue;
             }
-            let block = effective_block(self.logits, b, in_block, patch);
-            for (i, &x) in block.iter().enumerate() {
-                if x >= cut && x > f32::NEG_INFINITY {
-                    candidates.push(((b * BLOCK + i) as u32, f64::from(x)));
+            let block = &self.logits[lo..hi];
+            let words = &mut above[..block.len().div_ceil(32)];
+            (self.k.above_mask)(block, cut, words);
+            for t in in_block {
+                let i = t.id as usize - lo;
+                words[i / 32] &= !(1 << (i % 32));
+            }
+            for (w, &word) in words.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let i = w * 32 + word.trailing_zeros() as usize;
+                    word &= word - 1;
+                    candidates.push(((lo + i) as u32, f64::from(block[i])));
                 }
             }
         }
