@@ -26,6 +26,30 @@ MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_CHOICES = 8
 
+# response_format json_object: any JSON object, within bounds. A valid object is all the mode promises,
+# and the bounds (no string over 256 characters, integers within ±10^15, at most 16 members or items
+# per object or array) keep a small model from spending its whole budget on one endless number or
+# an endless run of keys, which would leave the JSON unfinished.
+_JSON_VALUE = {"$ref": "#/$defs/value"}
+JSON_OBJECT_SCHEMA: dict[str, Any] = {
+    "$defs": {
+        "value": {
+            "anyOf": [
+                {"type": "string", "maxLength": 256},
+                {"type": "integer", "minimum": -(10**15), "maximum": 10**15},
+                {"type": "number", "minimum": -1e15, "maximum": 1e15},
+                {"type": "boolean"},
+                {"type": "null"},
+                {"type": "array", "items": _JSON_VALUE, "maxItems": 16},
+                {"type": "object", "additionalProperties": _JSON_VALUE, "maxProperties": 16},
+            ]
+        }
+    },
+    "type": "object",
+    "additionalProperties": _JSON_VALUE,
+    "maxProperties": 16,
+}
+
 _ROLE_NAMES = {
     chat_pb2.ROLE_SYSTEM: "system",
     chat_pb2.ROLE_DEVELOPER: "developer",
@@ -172,7 +196,7 @@ def check_response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, 
     if response_format.type == chat_pb2.RESPONSE_FORMAT_TYPE_TEXT:
         return None
     if response_format.type == chat_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
-        return {"type": "object"}
+        return JSON_OBJECT_SCHEMA
     if response_format.type == chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
         spec = response_format.json_schema
         if not response_format.HasField("json_schema") or not spec.name:
