@@ -785,18 +785,77 @@ impl Row<'_> {
     }
 }
 
+/// Buckets of the weight histogram of [`crossing`]: eight per octave below 1, so 32 octaves
+/// (down to about `e^-22`); lighter weights share the last bucket.
+const WEIGHT_BUCKETS: usize = 256;
+
+/// The histogram bucket of a weight `w >= 0`: its exponent and three leading mantissa bits, counted
+/// down from 1. It never increases as `w` grows, so the candidates of buckets `0..=b` are exactly the
+/// heaviest ones.
+fn weight_bucket(w: f64) -> usize {
+    const ONE: usize = (1.0f64.to_bits() >> 49) as usize;
+    if w > 0.0 {
+        ONE.saturating_sub((w.to_bits() >> 49) as usize)
+            .min(WEIGHT_BUCKETS - 1)
+    } else {
+        WEIGHT_BUCKETS - 1
+    }
+}
+
 /// Sorts `candidates` heaviest first (ties: lower id) as far as needed and returns the first
-/// index where the running mass reaches each threshold (`None` where it never does).
+/// index where the running mass reaches each threshold (`None` where it never does). Weights are
+/// `>= 0` (exact exponentials).
+///
+/// A histogram of the weights by [`weight_bucket`] says which buckets hold the crossing, so one
+/// pass moves the candidates of those buckets to the front and only they are sorted; sorting
+/// in doubling chunks, each selected out of the rest, carries on from there should the running
+/// mass (summed in another order than the histogram's) fall just short. The running mass is summed
+/// in sorted order as before, so the indices are exactly those of a full sort.
 fn crossing(candidates: &mut [(u32, f64)], (lo, hi): (f64, f64)) -> (Option<usize>, Option<usize>) {
     let heavier_first =
         |a: &(u32, f64), b: &(u32, f64)| -> Ordering { b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)) };
+    let mut histogram = [0.0f64; WEIGHT_BUCKETS];
+    for &(_, w) in candidates.iter() {
+        debug_assert!(w >= 0.0, "weight {w}");
+        histogram[weight_bucket(w)] += w;
+    }
+    let total: f64 = histogram.iter().sum();
+    // The running mass is the same sum in another order, within n * 2^-53 of it relatively
+    // (n <= 2^18): far short of `lo` means the running mass cannot reach it either.
+    if total < lo * (1.0 - 1e-9) {
+        return (None, None);
+    }
+    let want = if total >= hi { hi } else { lo };
+    let mut cumulative = 0.0;
+    let last = histogram
+        .iter()
+        .position(|&m| {
+            cumulative += m;
+            cumulative >= want
+        })
+        .unwrap_or(WEIGHT_BUCKETS - 1);
+    let mut group = 0;
+    for i in 0..candidates.len() {
+        if weight_bucket(candidates[i].1) <= last {
+            candidates.swap(i, group);
+            group += 1;
+        }
+    }
+
     let (mut first_lo, mut sorted, mut chunk, mut mass) = (None, 0, FIRST_NUCLEUS_CHUNK, 0.0);
     while sorted < candidates.len() {
         let rest = &mut candidates[sorted..];
-        let take = chunk.min(rest.len());
-        if take < rest.len() {
-            rest.select_nth_unstable_by(take - 1, heavier_first);
-        }
+        let take = if sorted == 0 && group > 0 {
+            // The histogram's buckets, already at the front.
+            group
+        } else {
+            let take = chunk.min(rest.len());
+            chunk *= 2;
+            if take < rest.len() {
+                rest.select_nth_unstable_by(take - 1, heavier_first);
+            }
+            take
+        };
         rest[..take].sort_unstable_by(heavier_first);
         for (i, &(_, w)) in rest[..take].iter().enumerate() {
             mass += w;
@@ -808,7 +867,6 @@ fn crossing(candidates: &mut [(u32, f64)], (lo, hi): (f64, f64)) -> (Option<usiz
             }
         }
         sorted += take;
-        chunk *= 2;
     }
     (first_lo, None)
 }
