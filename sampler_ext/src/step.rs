@@ -29,6 +29,8 @@ const FIRST_NUCLEUS_CHUNK: usize = 64;
 #[derive(Debug, Clone, Copy)]
 struct Touched {
     id: u32,
+    /// The raw logit, kept so that later stages need not read the row at a scattered id again.
+    logit: f32,
     /// `logit + bias - penalties`, or `-inf` when the mask forbids it.
     value: f64,
     weight: f64,
@@ -324,7 +326,8 @@ fn fill_touched(
             (None, Some(&(b, _))) => b,
             (None, None) => break,
         };
-        let mut value = f64::from(logits[id as usize]);
+        let logit = logits[id as usize];
+        let mut value = f64::from(logit);
         if let Some(&(_, b)) = bias.get(i).filter(|&&(a, _)| a == id) {
             value += b;
             i += 1;
@@ -338,6 +341,7 @@ fn fill_touched(
         }
         touched.push(Touched {
             id,
+            logit,
             value,
             weight: 0.0,
         });
@@ -390,7 +394,7 @@ fn effective_maxima(base: &[f32], masked: bool, scratch: &mut Scratch, k: &Kerne
         let in_block = touched_before(touched, &mut cursor, hi);
         // Without a mask the raw maximum stands unless a touched token holds it: only then is the
         // block scanned again (bias and penalties touch ~half the blocks, seldom their maximum).
-        let m = if !masked && in_block.iter().all(|t| base[t.id as usize] != raw) {
+        let m = if !masked && in_block.iter().all(|t| t.logit != raw) {
             raw
         } else {
             (k.max_and_bad)(effective_block(base, b, in_block, patch)).0
@@ -466,8 +470,19 @@ fn draw(
     if m == f64::NEG_INFINITY {
         return Err(nothing_allowed(masked));
     }
-    for t in scratch.touched.iter_mut() {
-        t.weight = k.exp(t.value * inv_t - m);
+    // All touched weights in one call of the block kernel (the same arithmetic as `k.exp`, one
+    // indirect call instead of one per token).
+    {
+        let Scratch {
+            touched, weights, ..
+        } = scratch;
+        weights.clear();
+        weights.extend(touched.iter().map(|t| t.value * inv_t - m));
+        (k.exp_in_place)(weights);
+        for (t, &w) in touched.iter_mut().zip(weights.iter()) {
+            t.weight = w;
+        }
+        weights.resize(BLOCK, 0.0);
     }
     let touched_total: f64 = scratch.touched.iter().map(|t| t.weight).sum();
 
