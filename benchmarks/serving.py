@@ -28,7 +28,7 @@ else as content chunks. Also measured:
 --compare runs chatrpc (`chatrpc serve --parallel 8`) and the peer, llama-cpp-python's own server
 (`python -m llama_cpp.server`, the `llama-cpp-python[server]` extra), on free loopback ports and the
 same model, measures chatrpc via REST, chatrpc via gRPC and the peer, and prints markdown tables of
-the medians over `--repeats` (3) rounds; in each round every target runs in turn, so that drifting
+the medians over `--repeats` (2) rounds; in each round every target runs in turn, so that drifting
 load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
 up to `--quiet-wait` seconds, for other processes to leave the CPUs idle, and measures a level again
 (up to `--retries` times) when other processes took more than `--quiet-below` of the CPUs during it:
@@ -64,7 +64,8 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "gemma-3-270m"
 END_TOKENS = (1, 106, 212)  # Gemma 3's <eos>, <end_of_turn> and the other end-of-generation token
 LEVELS = (1, 4, 8, 16)
-# One wave of requests per level (two at one stream); with 3 rounds a full --compare takes ~15 min.
+# One wave of requests per level (two at one stream): a round of --compare takes ~5 min on an idle
+# 2-core machine (the peer serves one request at a time), a default run of 2 rounds ~12 min.
 DEFAULT_REQUESTS = {1: 2, 4: 4, 8: 8, 16: 16}
 
 PROMPTS = [
@@ -618,7 +619,7 @@ def main() -> None:
                         help="concurrency levels (default: 1,4,8,16)")
     parser.add_argument("--requests", type=int, default=0,
                         help=f"requests per level (default, level: requests: {DEFAULT_REQUESTS})")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; the tables show medians (default: 3)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; the tables show medians (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
     parser.add_argument("--turns", type=int, default=6, help="turns of the multi-turn chat, 0 for none (default: 6)")
     parser.add_argument("--chat-repeats", type=int, default=1, help="chats per target (default: 1)")
