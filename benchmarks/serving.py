@@ -284,6 +284,7 @@ async def run_level(client, concurrency: int, requests: int, max_tokens: int, ca
     _, running = await asyncio.wait(tasks, timeout=2 * cap)
     for task in running:
         task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)  # let the cancelled streams close
     cancelled = skipped + sum(1 for _ in prompts) + len(running)  # never started, or cut off by the cap
     wall = time.perf_counter() - start
     good = [r for r in results if r.ok]
