@@ -5,14 +5,17 @@
 //! when all rows succeeded, so a bad row leaves every sequence as it was.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::error::SamplerError;
 use crate::sampler::{SamplerConfig, Sequence};
-use crate::step::{mask_words, LogprobPrecision, Pending, Scratch};
+use crate::step::{mask_words, Cores, LogprobPrecision, Pending, Scratch, StepMode};
 
-/// Below this many logits in a batch (rows times vocabulary) one thread does all rows: starting
-/// a second costs tens of microseconds, more than it saves on small batches.
-const PARALLEL_MIN_LOGITS: usize = 4 * 262_144;
+/// From this many logits in a batch (rows times vocabulary) rows are shared between this thread
+/// and the helper; below, rows go one by one and only a large row's scan is shared (waking the
+/// helper costs tens of microseconds, more than it saves on small batches).
+const PARALLEL_MIN_LOGITS: usize = 2 * 100_000;
 
 /// What one batch call returns, row by row.
 #[derive(Debug, Clone, Default)]
@@ -33,7 +36,6 @@ pub struct BatchSampler {
     vocab_size: usize,
     sequences: HashMap<i64, Sequence>,
     scratch: Vec<Scratch>,
-    workers: usize,
 }
 
 impl BatchSampler {
@@ -41,14 +43,11 @@ impl BatchSampler {
         // Validate the vocabulary size as a sequence would.
         let probe = SamplerConfig::new(vocab_size, 0);
         let vocab_size = crate::sampler::Params::new(&probe)?.vocab_size;
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, 2);
         Ok(Self {
             vocab_size,
             sequences: HashMap::new(),
-            scratch: (0..workers).map(|_| Scratch::default()).collect(),
-            workers,
+            // One for this thread and one for the helper (see `parallel.rs`).
+            scratch: vec![Scratch::default(), Scratch::default()],
         })
     }
 
@@ -141,41 +140,59 @@ impl BatchSampler {
         }
 
         let sequences = &self.sequences;
-        let choose_rows = |range: std::ops::Range<usize>, scratch: &mut Scratch| {
-            range
-                .map(|row| {
-                    let key = keys[row];
-                    let sequence = &sequences[&key];
-                    let row_logits = &logits[row * vocab..(row + 1) * vocab];
-                    let mask = masks.map(|m| &m[row * words..(row + 1) * words]);
-                    sequence
-                        .choose(row_logits, mask, scratch, LogprobPrecision::Fast)
-                        .map(|pending| (pending, scratch.top_logprobs.clone()))
-                        .map_err(|source| SamplerError::Row {
-                            row,
-                            key,
-                            source: Box::new(source),
-                        })
+        let choose_row = |row: usize, scratch: &mut Scratch, cores: Cores| {
+            let key = keys[row];
+            let sequence = &sequences[&key];
+            let row_logits = &logits[row * vocab..(row + 1) * vocab];
+            let mask = masks.map(|m| &m[row * words..(row + 1) * words]);
+            sequence
+                .choose(
+                    row_logits,
+                    mask,
+                    scratch,
+                    StepMode {
+                        precision: LogprobPrecision::Fast,
+                        cores,
+                    },
+                )
+                .map(|pending| (pending, scratch.top_logprobs.clone()))
+                .map_err(|source| SamplerError::Row {
+                    row,
+                    key,
+                    source: Box::new(source),
                 })
-                .collect::<Vec<_>>()
         };
-        let results = if self.workers > 1 && rows > 1 && rows * vocab >= PARALLEL_MIN_LOGITS {
-            let split = rows.div_ceil(2);
-            let (first, second) = self.scratch.split_at_mut(1);
-            std::thread::scope(|scope| {
-                let other = scope.spawn(|| choose_rows(split..rows, &mut second[0]));
-                let mut results = choose_rows(0..split, &mut first[0]);
-                // A panic in the other thread would be a bug; surface it as one.
-                results.extend(
-                    other
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                );
-                results
-            })
-        } else {
-            choose_rows(0..rows, &mut self.scratch[0])
-        };
+        let results: Vec<Result<_, SamplerError>> =
+            if rows > 1 && rows * vocab >= PARALLEL_MIN_LOGITS && crate::parallel::available() {
+                // Rows handed out one at a time to this thread and the helper, each with its own
+                // scratch, so that a helper that wakes late just takes fewer rows.
+                let next = AtomicUsize::new(0);
+                let scratches = Mutex::new(self.scratch.iter_mut().collect::<Vec<_>>());
+                let done = Mutex::new(Vec::with_capacity(rows));
+                crate::parallel::on_both(|| {
+                    let Some(scratch) = scratches.lock().ok().and_then(|mut s| s.pop()) else {
+                        return;
+                    };
+                    loop {
+                        let row = next.fetch_add(1, Ordering::Relaxed);
+                        if row >= rows {
+                            break;
+                        }
+                        let result = choose_row(row, scratch, Cores::One);
+                        if let Ok(mut done) = done.lock() {
+                            done.push((row, result));
+                        }
+                    }
+                });
+                let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+                done.sort_unstable_by_key(|&(row, _)| row);
+                done.into_iter().map(|(_, result)| result).collect()
+            } else {
+                // One row, or rows too small to share: each large row shares its own scan.
+                (0..rows)
+                    .map(|row| choose_row(row, &mut self.scratch[0], Cores::Both))
+                    .collect()
+            };
         let chosen: Vec<(Pending, Vec<(u32, f64)>)> =
             results.into_iter().collect::<Result<_, _>>()?;
 

@@ -105,81 +105,64 @@ mod avx2 {
         exp_in_place::<Fused>(z)
     }
     /// The f32 pass written with intrinsics (the compiler does not vectorise the generic one):
-    /// the same arithmetic as [`exp32_nonpositive`], eight lanes at a time.
+    /// the same arithmetic as [`exp2_32_nonpositive`], eight lanes at a time, two vectors a turn.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn fast_exp_sum_avx2(x: &[f32], shift: FastShift) -> FastSum {
         use std::arch::x86_64::*;
-        let FastShift {
-            reference,
-            scale,
-            offset,
-        } = shift;
-        let chunks = x.chunks_exact(32);
-        let tail = fast_exp_sum::<Fused>(chunks.remainder(), shift);
-        let (reference, scale, offset) = (
+        let chunks = x.chunks_exact(16);
+        let tail = fast_exp_sum_scalar::<Fused>(chunks.remainder(), shift);
+        let (reference, scale2, offset2) = shift.base2();
+        let (reference, scale2, offset2) = (
             _mm256_set1_ps(reference),
-            _mm256_set1_ps(scale),
-            _mm256_set1_ps(offset),
+            _mm256_set1_ps(scale2),
+            _mm256_set1_ps(offset2),
         );
-        let floor = _mm256_set1_ps(-87.0);
-        let round = _mm256_set1_ps(12_582_912.0);
-        let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
-        let (ln2_hi, ln2_lo) = (
-            _mm256_set1_ps(-f32::from_bits(0x3f31_8000)),
-            _mm256_set1_ps(2.121_944_4e-4),
-        );
-        let bias = _mm256_set1_ps(127.0 + 12_582_912.0);
-        let round_bits = _mm256_castps_si256(round);
-        let coefficients = [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0f32,
-        ];
-        let exp8 = |v: __m256, sum_wz: &mut __m256| {
-            let z = _mm256_fmadd_ps(_mm256_sub_ps(v, reference), scale, offset);
-            let zc = _mm256_max_ps(z, floor);
-            let n = _mm256_sub_ps(_mm256_fmadd_ps(zc, log2e, round), round);
-            let r = _mm256_fmadd_ps(n, ln2_lo, _mm256_fmadd_ps(n, ln2_hi, zc));
-            let mut p = _mm256_set1_ps(1.0 / 5_040.0);
-            for c in coefficients {
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-            }
-            let exponent = _mm256_slli_epi32::<23>(_mm256_sub_epi32(
-                _mm256_castps_si256(_mm256_add_ps(n, bias)),
-                round_bits,
+        let floor = _mm256_set1_ps(EXP2_FLOOR);
+        let round = _mm256_set1_ps(ROUND32);
+        let one = _mm256_set1_ps(1.0);
+        let q = EXP2_Q.map(|c| _mm256_set1_ps(c));
+        let exp2 = |v: __m256, sum_wt: &mut __m256| {
+            let t = _mm256_fmadd_ps(_mm256_sub_ps(v, reference), scale2, offset2);
+            // `max` returns its second operand for NaN, so NaN and -inf both land on the floor.
+            let t = _mm256_max_ps(t, floor);
+            let shifted = _mm256_add_ps(t, round);
+            let f = _mm256_sub_ps(t, _mm256_sub_ps(shifted, round));
+            let mut p = q[4];
+            p = _mm256_fmadd_ps(p, f, q[3]);
+            p = _mm256_fmadd_ps(p, f, q[2]);
+            p = _mm256_fmadd_ps(p, f, q[1]);
+            p = _mm256_fmadd_ps(p, f, q[0]);
+            p = _mm256_fmadd_ps(p, f, one);
+            // n sits in the low mantissa bits of `shifted`; moved to the exponent field, it
+            // multiplies p by 2^n (the bits of 1.5 * 2^23 shift out).
+            let w = _mm256_castsi256_ps(_mm256_add_epi32(
+                _mm256_castps_si256(p),
+                _mm256_slli_epi32::<23>(_mm256_castps_si256(shifted)),
             ));
-            let w = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-            let w = _mm256_and_ps(w, _mm256_cmp_ps::<_CMP_GT_OQ>(z, floor));
-            *sum_wz = _mm256_fnmadd_ps(w, zc, *sum_wz);
+            *sum_wt = _mm256_fnmadd_ps(w, t, *sum_wt);
             w
         };
         let mut sum = [_mm256_setzero_pd(); 2];
-        let mut sum_wz = [_mm256_setzero_ps(); 2];
+        let mut sum_wt = [_mm256_setzero_ps(); 2];
         for chunk in chunks {
             let p = chunk.as_ptr();
-            let w0 = exp8(_mm256_loadu_ps(p), &mut sum_wz[0]);
-            let w1 = exp8(_mm256_loadu_ps(p.add(8)), &mut sum_wz[1]);
-            let w2 = exp8(_mm256_loadu_ps(p.add(16)), &mut sum_wz[0]);
-            let w3 = exp8(_mm256_loadu_ps(p.add(24)), &mut sum_wz[1]);
-            // Four weights per lane in f32 (two roundings, within the error bound), then f64.
-            let w = _mm256_add_ps(_mm256_add_ps(w0, w1), _mm256_add_ps(w2, w3));
+            let w0 = exp2(_mm256_loadu_ps(p), &mut sum_wt[0]);
+            let w1 = exp2(_mm256_loadu_ps(p.add(8)), &mut sum_wt[1]);
+            // Two weights per lane in f32 (one rounding, within the error bound), then f64.
+            let w = _mm256_add_ps(w0, w1);
             sum[0] = _mm256_add_pd(sum[0], _mm256_cvtps_pd(_mm256_castps256_ps128(w)));
             sum[1] = _mm256_add_pd(sum[1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w)));
         }
-        let sum_wz = _mm256_add_ps(sum_wz[0], sum_wz[1]);
+        let sum_wt = _mm256_add_ps(sum_wt[0], sum_wt[1]);
         let mut lanes = [0.0f64; 8];
         _mm256_storeu_pd(lanes.as_mut_ptr(), sum[0]);
         _mm256_storeu_pd(lanes[4..].as_mut_ptr(), sum[1]);
-        let mut lanes_wz = [0.0f32; 8];
-        _mm256_storeu_ps(lanes_wz.as_mut_ptr(), sum_wz);
+        let mut lanes_wt = [0.0f32; 8];
+        _mm256_storeu_ps(lanes_wt.as_mut_ptr(), sum_wt);
         tail + (FastSum {
             sum: ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
                 + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])),
-            sum_wz: lanes_wz.iter().map(|&v| f64::from(v)).sum(),
+            sum_wt: lanes_wt.iter().map(|&v| f64::from(v)).sum(),
         })
     }
 
@@ -284,12 +267,25 @@ pub struct FastShift {
     pub offset: f32,
 }
 
-/// What the fast pass found: `sum` of the weights and `sum_wz`, the sum of `weight * |z|`, which
-/// bounds how far `sum` can be from the exact (f64) sum.
+impl FastShift {
+    /// `(reference, scale, offset)` for `t = z * log2(e) = (x - reference) * scale2 + offset2`:
+    /// the fast pass works in base 2, which saves the two-part reduction by ln 2 per weight.
+    #[inline(always)]
+    fn base2(self) -> (f32, f32, f32) {
+        (
+            self.reference,
+            self.scale * std::f32::consts::LOG2_E,
+            self.offset * std::f32::consts::LOG2_E,
+        )
+    }
+}
+
+/// What the fast pass found: `sum` of the weights and `sum_wt`, the sum of `weight * |t|` (`t` the
+/// base-2 exponent, `|t| >= |z|`), which bounds how far `sum` can be from the exact (f64) sum.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FastSum {
     pub sum: f64,
-    pub sum_wz: f64,
+    pub sum_wt: f64,
 }
 
 impl std::ops::Add for FastSum {
@@ -298,7 +294,7 @@ impl std::ops::Add for FastSum {
     fn add(self, other: FastSum) -> FastSum {
         FastSum {
             sum: self.sum + other.sum,
-            sum_wz: self.sum_wz + other.sum_wz,
+            sum_wt: self.sum_wt + other.sum_wt,
         }
     }
 }
@@ -306,90 +302,107 @@ impl std::ops::Add for FastSum {
 impl FastSum {
     /// A bound on `|sum - exact sum|` over `n` logits, for the shift's `|offset|`.
     ///
-    /// Per weight, `z` carries three f32 roundings (`x - reference`, the product, the offset) of at
-    /// most `2^-24 (|z| + |offset|)` each and the f32 exponential is within `2^-22` relative (tests
-    /// check 2^-23), so a weight is within `w * 2^-21 * (1 + |z| + |offset|)` of the exact one;
-    /// `2^-19` gives a factor of four to spare. Weights below 2^-125 are taken as 0.
+    /// Per weight, `t` carries four f32 roundings (`x - reference`, `scale * log2(e)`, the product
+    /// or fused add, `offset * log2(e)`) of at most `2^-24 (|t| + 2|offset|)` together with some to
+    /// spare, which move the weight by `ln 2` times as much relatively; `2^t` is within `2^-22`
+    /// relative (the polynomial within 2^-22.3, tests check 2^-22), and one f32 addition of two
+    /// weights adds `2^-24`. So a weight is within `w * 2^-21 * (1 + |t| + 2|offset|)` of the exact
+    /// one; `2^-19` gives a factor of four to spare. Weights below `2^-125` may come out as up to
+    /// `2^-124.5` or 0: the `n * 1e-37` term.
     pub fn error_bound(&self, offset: f32, n: usize) -> f64 {
         const REL: f64 = 1.0 / (1u64 << 19) as f64;
-        REL * (self.sum * (1.0 + f64::from(offset.abs())) + self.sum_wz) + n as f64 * 1e-37
+        REL * (self.sum * (1.0 + 2.0 * f64::from(offset.abs())) + self.sum_wt) + n as f64 * 1e-37
     }
 }
 
-/// `exp(z)` in f32 for `z <= 0`, within 2^-23 relative for `z >= -87`, and 0 below (where the
-/// result would be under 2^-125).
+/// Adding `1.5 * 2^23` to an f32 of magnitude below `2^22` rounds it to an integer (to even) and
+/// leaves that integer in the low mantissa bits.
+const ROUND32: f32 = 12_582_912.0;
+
+/// Exponents below this are clamped to it: `2^-125` is still a normal number after the polynomial.
+const EXP2_FLOOR: f32 = -125.0;
+
+/// `2^f = 1 + f * q(f)` on `[-1/2, 1/2]`: `q` of degree 4, fitted for the least maximum relative
+/// error (2^-22.3 evaluated in f32, against 2^-18.4 for Taylor's coefficients of the same degree).
+/// The first is the fit's, not ln 2 rounded (they agree to f32 precision).
+#[allow(clippy::approx_constant)]
+const EXP2_Q: [f32; 5] = [
+    0.693_147,
+    0.240_222_42,
+    0.055_507_336,
+    0.009_671_513,
+    0.001_326_472_4,
+];
+
+/// `2^t` in f32 for `t <= 0`, within 2^-22 relative for `t >= -125`; below (and for NaN) the
+/// value at the floor, `2^-125`, under the error bound's absolute term.
 #[inline(always)]
-fn exp32_nonpositive<M: MulAdd>(z: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
-                                     // 0.693359375: few mantissa bits, so that `n * LN2_HI` is exact.
-    const LN2_HI: f32 = f32::from_bits(0x3f31_8000);
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let zc = if z > -87.0 { z } else { -87.0 };
-    let n = (zc * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = M::mul_add32(n, -LN2_LO, M::mul_add32(n, -LN2_HI, zc));
-    let mut p = 1.0 / 5_040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = M::mul_add32(p, r, c);
+fn exp2_32_nonpositive<M: MulAdd>(t: f32) -> f32 {
+    let t = if t > EXP2_FLOOR { t } else { EXP2_FLOOR };
+    let shifted = t + ROUND32;
+    let f = t - (shifted - ROUND32);
+    let mut p = EXP2_Q[4];
+    for &c in EXP2_Q[..4].iter().rev() {
+        p = M::mul_add32(p, f, c);
     }
-    // n is in [-126, 0], a normal exponent.
-    let pow2 = f32::from_bits(((n + (127.0 + ROUND)).to_bits() - ROUND.to_bits()) << 23);
-    if z > -87.0 {
-        p * pow2
-    } else {
-        0.0
+    let p = M::mul_add32(p, f, 1.0);
+    f32::from_bits(p.to_bits().wrapping_add(shifted.to_bits() << 23))
+}
+
+/// `fast_exp_sum` one weight at a time, for the few logits a vector loop leaves over (the
+/// buffered version below would clear two blocks' worth of scratch for them).
+#[inline(always)]
+fn fast_exp_sum_scalar<M: MulAdd>(x: &[f32], shift: FastShift) -> FastSum {
+    let (reference, scale2, offset2) = shift.base2();
+    let mut total = FastSum::default();
+    for &v in x {
+        let t = M::mul_add32(v - reference, scale2, offset2);
+        let t = if t > EXP2_FLOOR { t } else { EXP2_FLOOR };
+        let w = exp2_32_nonpositive::<M>(t);
+        total.sum += f64::from(w);
+        total.sum_wt += f64::from(w * -t);
     }
+    total
 }
 
 #[inline(always)]
 fn fast_exp_sum<M: MulAdd>(x: &[f32], shift: FastShift) -> FastSum {
-    let FastShift {
-        reference,
-        scale,
-        offset,
-    } = shift;
-    // Two plain loops over a buffer in L1 rather than one fused loop: the compiler vectorises these.
+    let (reference, scale2, offset2) = shift.base2();
     let mut w = [0.0f32; BLOCK];
-    let mut wz = [0.0f32; BLOCK];
+    let mut wt = [0.0f32; BLOCK];
     let mut total = FastSum::default();
     for part in x.chunks(BLOCK) {
-        let (w, wz) = (&mut w[..part.len()], &mut wz[..part.len()]);
-        for ((w, wz), &v) in w.iter_mut().zip(wz.iter_mut()).zip(part) {
-            let z = M::mul_add32(v - reference, scale, offset);
-            *w = exp32_nonpositive::<M>(z);
+        let (w, wt) = (&mut w[..part.len()], &mut wt[..part.len()]);
+        for ((w, wt), &v) in w.iter_mut().zip(wt.iter_mut()).zip(part) {
+            let t = M::mul_add32(v - reference, scale2, offset2);
             // Clamped like the exponential's input, so that `0 * -inf` never makes a NaN.
-            *wz = *w * -(if z > -87.0 { z } else { -87.0 });
+            let t = if t > EXP2_FLOOR { t } else { EXP2_FLOOR };
+            *w = exp2_32_nonpositive::<M>(t);
+            *wt = *w * -t;
         }
         let mut acc = [0.0f64; LANES];
-        let mut acc_wz = [0.0f32; LANES];
-        let (chunks, chunks_wz) = (w.chunks_exact(LANES), wz.chunks_exact(LANES));
-        for (c, cz) in chunks.clone().zip(chunks_wz.clone()) {
+        let mut acc_wt = [0.0f32; LANES];
+        let (chunks, chunks_wt) = (w.chunks_exact(LANES), wt.chunks_exact(LANES));
+        for (c, ct) in chunks.clone().zip(chunks_wt.clone()) {
             for l in 0..LANES {
                 acc[l] += f64::from(c[l]);
-                acc_wz[l] += cz[l];
+                acc_wt[l] += ct[l];
             }
         }
-        for (l, (&v, &vz)) in chunks
+        for (l, (&v, &vt)) in chunks
             .remainder()
             .iter()
-            .zip(chunks_wz.remainder())
+            .zip(chunks_wt.remainder())
             .enumerate()
         {
             acc[l] += f64::from(v);
-            acc_wz[l] += vz;
+            acc_wt[l] += vt;
         }
         total = total
             + FastSum {
                 sum: ((acc[0] + acc[4]) + (acc[2] + acc[6]))
                     + ((acc[1] + acc[5]) + (acc[3] + acc[7])),
-                sum_wz: acc_wz.iter().map(|&v| f64::from(v)).sum(),
+                sum_wt: acc_wt.iter().map(|&v| f64::from(v)).sum(),
             };
     }
     total
@@ -608,27 +621,38 @@ mod tests {
 
     #[test]
     fn fast_exp_is_within_its_bound() {
+        // Per weight the error bound allows `2^-21 (1 + |t|)` relative (see `FastSum::error_bound`);
+        // the exponential itself must stay within 2^-22 where `t` is exact (scale 1 / log2(e)).
         for k in all_kernels() {
-            let mut z = -86.9f32;
-            let mut worst = 0.0f64;
-            while z <= 0.0 {
+            let mut t = -124.9f32;
+            let (mut worst_exact_t, mut worst_scaled) = (0.0f64, 0.0f64);
+            while t <= 0.0 {
                 let mut buf = [0.0f32; 16];
-                buf[3] = z;
-                let fast = (k.fast_exp_sum)(
-                    &buf[3..4],
-                    FastShift {
-                        reference: 0.0,
-                        scale: 1.0,
-                        offset: 0.0,
-                    },
-                );
-                let exact = f64::from(z).exp();
-                worst = worst.max((fast.sum - exact).abs() / exact);
-                z += 0.000_37;
+                buf[3] = t;
+                let in_base2 = FastShift {
+                    reference: 0.0,
+                    scale: 1.0 / std::f32::consts::LOG2_E,
+                    offset: 0.0,
+                };
+                let fast = (k.fast_exp_sum)(&buf[3..4], in_base2);
+                // The shift's own roundings make `t` inexact by up to ~2^-23 |t|: weigh that apart.
+                let (_, scale2, _) = in_base2.base2();
+                let t_used = f64::from(t * scale2);
+                let exact = t_used.exp2();
+                worst_exact_t = worst_exact_t.max((fast.sum - exact).abs() / exact);
+                let libm = f64::from(t / std::f32::consts::LOG2_E).exp();
+                worst_scaled =
+                    worst_scaled.max((fast.sum - libm).abs() / libm / (1.0 + f64::from(t.abs())));
+                t += 0.000_53;
             }
             assert!(
-                worst < 1.0 / (1u64 << 23) as f64,
-                "{} worst {worst}",
+                worst_exact_t < 1.0 / (1u64 << 22) as f64,
+                "{} worst {worst_exact_t}",
+                k.name
+            );
+            assert!(
+                worst_scaled < 1.0 / (1u64 << 21) as f64,
+                "{} worst {worst_scaled}",
                 k.name
             );
         }

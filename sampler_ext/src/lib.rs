@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod error;
 pub mod kernels;
+pub mod parallel;
 pub mod rng;
 pub mod sampler;
 pub mod step;

@@ -34,7 +34,7 @@
 
 use crate::error::SamplerError;
 use crate::rng::SequenceRng;
-use crate::step::{self, LogprobPrecision, Pending, Scratch};
+use crate::step::{self, Cores, LogprobPrecision, Pending, Scratch, StepMode};
 
 /// OpenAI allows at most 20 `top_logprobs`.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -236,7 +236,7 @@ impl Sequence {
         logits: &[f32],
         mask: Option<&[u32]>,
         scratch: &mut Scratch,
-        precision: LogprobPrecision,
+        mode: StepMode,
     ) -> Result<Pending, SamplerError> {
         step::choose(
             &self.params,
@@ -245,7 +245,7 @@ impl Sequence {
             logits,
             mask,
             scratch,
-            precision,
+            mode,
         )
     }
 
@@ -310,9 +310,15 @@ impl SequenceSampler {
     /// Chooses the next token (see the module documentation for the exact steps) and records it.
     /// On error nothing changes: the history and the random stream are as before.
     pub fn sample(&mut self, logits: &[f32]) -> Result<Sample, SamplerError> {
-        let pending =
-            self.sequence
-                .choose(logits, None, &mut self.scratch, LogprobPrecision::Exact)?;
+        let pending = self.sequence.choose(
+            logits,
+            None,
+            &mut self.scratch,
+            StepMode {
+                precision: LogprobPrecision::Exact,
+                cores: Cores::One,
+            },
+        )?;
         self.sequence.commit(&pending);
         Ok(Sample {
             token: pending.token,

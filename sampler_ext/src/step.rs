@@ -31,9 +31,27 @@ struct Touched {
     id: u32,
     /// The raw logit, kept so that later stages need not read the row at a scattered id again.
     logit: f32,
-    /// `logit + bias - penalties`, or `-inf` when the mask forbids it.
+    /// `(logit + bias) - penalty`, or `-inf` when the mask forbids it. Set by the scan, which reads
+    /// the logit while the block is in L1 (800 scattered reads of a row not yet in cache would cost
+    /// more than the rest of a step).
     value: f64,
+    /// 0 when the token has no bias (adding 0 changes no value that matters).
+    bias: f64,
+    /// `frequency_penalty * count + presence_penalty`, 0 when the token is not in the history.
+    penalty: f64,
+    allowed: bool,
     weight: f64,
+}
+
+impl Touched {
+    fn read(&mut self, logit: f32) {
+        self.logit = logit;
+        self.value = if self.allowed {
+            (f64::from(logit) + self.bias) - self.penalty
+        } else {
+            f64::NEG_INFINITY
+        };
+    }
 }
 
 /// Buffers kept between steps, so that a step allocates nothing once they have grown.
@@ -41,12 +59,21 @@ struct Touched {
 pub struct Scratch {
     raw_max: Vec<f32>,
     effective_max: Vec<f32>,
+    /// Fast weight sums of each block, relative to its effective maximum until `draw` scales them.
     fast_sums: Vec<FastSum>,
+    /// Fast sums of `exp(x - raw block maximum)`, for the logprobs' normaliser.
+    normaliser_sums: Vec<f64>,
+    factors: Vec<f64>,
     /// Fast block sums plus the touched weights of the block.
     block_totals: Vec<f64>,
     exact_sums: Vec<f64>,
     touched: Vec<Touched>,
+    /// Top-p's candidates `(id, exact weight)`, in id order.
     candidates: Vec<(u32, f64)>,
+    /// Room for reordered candidates (the merge of touched tokens, a full sort when needed).
+    sorted: Vec<(u32, f64)>,
+    /// The candidates of the histogram bucket where top-p's running mass crosses its threshold.
+    crossing_bucket: Vec<(u32, f64)>,
     patch: Vec<f32>,
     /// The row with the mask applied (forbidden tokens at `-inf`), when there is a mask.
     masked: Vec<f32>,
@@ -87,8 +114,9 @@ pub fn choose(
     logits: &[f32],
     mask: Option<&[u32]>,
     scratch: &mut Scratch,
-    precision: LogprobPrecision,
+    mode: StepMode,
 ) -> Result<Pending, SamplerError> {
+    let StepMode { precision, cores } = mode;
     let k = Kernels::get();
     let vocab = params.vocab_size;
     if logits.len() != vocab {
@@ -108,51 +136,63 @@ pub fn choose(
     scratch.patch.resize(BLOCK, 0.0);
     scratch.weights.resize(BLOCK, 0.0);
 
-    // 1. Raw scan.
-    let max = scan(logits, &mut scratch.raw_max, k)?;
-
-    // 2. Logprobs, of the raw logits.
+    // 3.-5. Mask, bias and penalties, only on the tokens they touch (found first, so that the scan
+    // below can weigh each block while it is in L1).
     let wants_logprobs = params.logprobs || params.top_logprobs > 0;
-    let log_z = if wants_logprobs {
-        log_normalizer(logits, max, precision, k)
-    } else {
-        f64::NAN
-    };
-    top_raw(
-        logits,
-        &scratch.raw_max,
-        params.top_logprobs.min(vocab),
-        &mut scratch.top,
-    );
-    scratch.top_logprobs.clear();
-    scratch.top_logprobs.extend(
-        scratch
-            .top
-            .iter()
-            .map(|&(id, x)| (id, f64::from(x) - log_z)),
-    );
-
-    // 3.-5. Mask, bias and penalties, only on the tokens they touch.
     let mask = mask.filter(|m| !allows_everything(m, vocab));
-    fill_touched(params, state, logits, mask, &mut scratch.touched);
+    fill_touched(params, state, mask, &mut scratch.touched);
+    let raw_greedy = params.greedy && scratch.touched.is_empty() && mask.is_none();
 
-    let (token, rng) = if params.greedy && scratch.touched.is_empty() && mask.is_none() {
-        (raw_argmax(logits, &scratch.raw_max, max), None)
-    } else {
-        // With a mask, the later passes read the masked row, built once.
-        let mut masked = std::mem::take(&mut scratch.masked);
-        let base = match mask {
-            Some(mask) => {
-                masked.resize(logits.len(), 0.0);
-                (k.apply_mask)(logits, mask, &mut masked);
-                &masked[..]
-            }
-            None => logits,
-        };
-        let result = choose_adjusted(params, base, mask.is_some(), scratch, rng, k);
-        scratch.masked = masked;
-        result?
+    // With a mask, the later passes read the masked row, built once.
+    let mut masked = std::mem::take(&mut scratch.masked);
+    let base = match mask {
+        Some(mask) => {
+            masked.resize(logits.len(), 0.0);
+            (k.apply_mask)(logits, mask, &mut masked);
+            &masked[..]
+        }
+        None => logits,
     };
+
+    // 1. The one pass over the row (and the fast weights and normaliser sums of each block).
+    let pass = Pass {
+        effective: !raw_greedy,
+        masked: mask.is_some(),
+        weigh: (!params.greedy).then(|| (1.0 / params.temperature) as f32),
+        normalise: wants_logprobs && precision == LogprobPrecision::Fast,
+    };
+    let scanned = scan(logits, base, pass, cores, scratch, k);
+    let result = scanned.and_then(|max| {
+        // 2. Logprobs, of the raw logits.
+        let log_z = if !wants_logprobs {
+            f64::NAN
+        } else if pass.normalise {
+            fast_log_normalizer(scratch, max, k)
+        } else {
+            log_normalizer(logits, max, k)
+        };
+        top_raw(
+            logits,
+            &scratch.raw_max,
+            params.top_logprobs.min(vocab),
+            &mut scratch.top,
+        );
+        scratch.top_logprobs.clear();
+        scratch.top_logprobs.extend(
+            scratch
+                .top
+                .iter()
+                .map(|&(id, x)| (id, f64::from(x) - log_z)),
+        );
+        let chosen = if raw_greedy {
+            Ok((raw_argmax(logits, &scratch.raw_max, max), None))
+        } else {
+            choose_adjusted(params, base, mask.is_some(), scratch, rng, k)
+        };
+        chosen.map(|(token, rng)| (token, rng, log_z))
+    });
+    scratch.masked = masked;
+    let (token, rng, log_z) = result?;
     let logprob = if wants_logprobs {
         f64::from(logits[token as usize]) - log_z
     } else {
@@ -174,7 +214,10 @@ fn choose_adjusted(
     rng: &SequenceRng,
     k: &Kernels,
 ) -> Result<(u32, Option<SequenceRng>), SamplerError> {
-    let untouched_max = effective_maxima(base, masked, scratch, k);
+    let untouched_max = scratch
+        .effective_max
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     if params.greedy {
         Ok((greedy(base, masked, scratch, untouched_max)?, None))
     } else {
@@ -184,15 +227,95 @@ fn choose_adjusted(
     }
 }
 
-/// Step 1: block maxima of the raw logits; refuses NaN, +inf and an all `-inf` row.
-fn scan(logits: &[f32], raw_max: &mut Vec<f32>, k: &Kernels) -> Result<f32, SamplerError> {
-    raw_max.clear();
-    let mut bad = false;
-    for block in logits.chunks(BLOCK) {
-        let (m, b) = (k.max_and_bad)(block);
-        raw_max.push(m);
-        bad |= b;
-    }
+/// What the scan works out of each block besides its raw maximum, while the block is in L1.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// The block's effective maximum: its untouched, allowed tokens only.
+    effective: bool,
+    /// Whether `base` has masked tokens at `-inf`.
+    masked: bool,
+    /// The fast weights of the effective block at this inverse temperature, relative to the
+    /// block's effective maximum (scaled to the row's maximum once that is known).
+    weigh: Option<f32>,
+    /// The fast sum of `exp(x - raw block maximum)`, for the normaliser of the logprobs.
+    normalise: bool,
+}
+
+/// How a step works, as its caller needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepMode {
+    pub precision: LogprobPrecision,
+    pub cores: Cores,
+}
+
+/// Whether a step may share its scan with the helper thread (see `parallel.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cores {
+    One,
+    /// Both, for rows of at least [`SHARED_SCAN_MIN_VOCAB`] logits.
+    Both,
+}
+
+/// Below this many logits a row's scan stays on one thread: waking the helper (15 to 50 us) would
+/// cost more than half the scan.
+pub const SHARED_SCAN_MIN_VOCAB: usize = 100_000;
+
+/// Blocks a thread takes at a time when the scan is shared (64 KiB of logits): small enough that a
+/// helper arriving late still finds work, large enough that handing out costs nothing.
+const SCAN_CHUNK_BLOCKS: usize = 64;
+
+/// What the scan writes for a run of blocks starting at block `first`.
+struct ScanChunk<'a> {
+    first: usize,
+    raw_max: &'a mut [f32],
+    effective_max: &'a mut [f32],
+    fast_sums: &'a mut [FastSum],
+    normaliser_sums: &'a mut [f64],
+    /// The touched tokens of these blocks.
+    touched: &'a mut [Touched],
+}
+
+/// Step 1: block maxima of the raw logits and whatever else `pass` asks of each block; refuses NaN,
+/// +inf and an all `-inf` row. One read of the row: every other pass over a block runs while the
+/// block is still in L1.
+fn scan(
+    logits: &[f32],
+    base: &[f32],
+    pass: Pass,
+    cores: Cores,
+    scratch: &mut Scratch,
+    k: &Kernels,
+) -> Result<f32, SamplerError> {
+    let blocks = logits.len().div_ceil(BLOCK);
+    let Scratch {
+        raw_max,
+        effective_max,
+        fast_sums,
+        normaliser_sums,
+        touched,
+        patch,
+        ..
+    } = scratch;
+    raw_max.resize(blocks, f32::NEG_INFINITY);
+    effective_max.resize(blocks, f32::NEG_INFINITY);
+    fast_sums.resize(blocks, FastSum::default());
+    normaliser_sums.resize(blocks, 0.0);
+    let whole = ScanChunk {
+        first: 0,
+        raw_max,
+        effective_max,
+        fast_sums,
+        normaliser_sums,
+        touched,
+    };
+    let bad = if cores == Cores::Both
+        && logits.len() >= SHARED_SCAN_MIN_VOCAB
+        && crate::parallel::available()
+    {
+        shared_scan(whole, logits, base, pass, k)
+    } else {
+        scan_chunk(whole, logits, base, pass, patch, k)
+    };
     if bad {
         // Rare: find the first offender for the message.
         if let Some((token, &value)) = logits
@@ -212,26 +335,183 @@ fn scan(logits: &[f32], raw_max: &mut Vec<f32>, k: &Kernels) -> Result<f32, Samp
     Ok(max)
 }
 
-/// Step 2: `log(sum(exp(logits)))`, shifted by the maximum so that no term overflows.
-fn log_normalizer(logits: &[f32], max: f32, precision: LogprobPrecision, k: &Kernels) -> f64 {
-    let sum: f64 = match precision {
-        LogprobPrecision::Exact => logits
-            .chunks(BLOCK)
-            .map(|b| (k.exp_sum)(b, 1.0, f64::from(max)))
-            .sum(),
-        LogprobPrecision::Fast => {
-            let shift = FastShift {
-                reference: max,
-                scale: 1.0,
-                offset: 0.0,
+/// The scan in chunks of [`SCAN_CHUNK_BLOCKS`], taken in turn by this thread and the helper.
+/// Returns whether any block held NaN or +inf.
+fn shared_scan(
+    whole: ScanChunk<'_>,
+    logits: &[f32],
+    base: &[f32],
+    pass: Pass,
+    k: &Kernels,
+) -> bool {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let ScanChunk {
+        mut raw_max,
+        mut effective_max,
+        mut fast_sums,
+        mut normaliser_sums,
+        mut touched,
+        ..
+    } = whole;
+    let mut chunks = Vec::with_capacity(raw_max.len().div_ceil(SCAN_CHUNK_BLOCKS));
+    let mut first = 0;
+    while !raw_max.is_empty() {
+        let n = SCAN_CHUNK_BLOCKS.min(raw_max.len());
+        let end_id = (first + n) * BLOCK;
+        let t = touched.partition_point(|t| (t.id as usize) < end_id);
+        let (r, rest_r) = std::mem::take(&mut raw_max).split_at_mut(n);
+        let (e, rest_e) = std::mem::take(&mut effective_max).split_at_mut(n);
+        let (f, rest_f) = std::mem::take(&mut fast_sums).split_at_mut(n);
+        let (z, rest_z) = std::mem::take(&mut normaliser_sums).split_at_mut(n);
+        let (tt, rest_t) = std::mem::take(&mut touched).split_at_mut(t);
+        chunks.push(Mutex::new(Some(ScanChunk {
+            first,
+            raw_max: r,
+            effective_max: e,
+            fast_sums: f,
+            normaliser_sums: z,
+            touched: tt,
+        })));
+        (raw_max, effective_max, fast_sums, normaliser_sums, touched) =
+            (rest_r, rest_e, rest_f, rest_z, rest_t);
+        first += n;
+    }
+    let (next, bad) = (AtomicUsize::new(0), AtomicBool::new(false));
+    crate::parallel::on_both(|| {
+        let mut patch = [0.0f32; BLOCK];
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = chunks.get(i) else { break };
+            // Each slot is taken once; a poisoned lock (a panic elsewhere) just ends this share.
+            let Some(chunk) = slot.lock().ok().and_then(|mut c| c.take()) else {
+                break;
             };
-            logits
-                .chunks(BLOCK)
-                .map(|b| (k.fast_exp_sum)(b, shift).sum)
-                .sum()
+            if scan_chunk(chunk, logits, base, pass, &mut patch, k) {
+                bad.store(true, Ordering::Relaxed);
+            }
         }
-    };
+    });
+    bad.into_inner()
+}
+
+/// The scan of one run of blocks; returns whether any held NaN or +inf.
+fn scan_chunk(
+    chunk: ScanChunk<'_>,
+    logits: &[f32],
+    base: &[f32],
+    pass: Pass,
+    patch: &mut [f32],
+    k: &Kernels,
+) -> bool {
+    let ScanChunk {
+        first,
+        raw_max,
+        effective_max,
+        fast_sums,
+        normaliser_sums,
+        touched,
+    } = chunk;
+    let mut bad = false;
+    let mut cursor = 0;
+    for i in 0..raw_max.len() {
+        let b = first + i;
+        let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(logits.len()));
+        let block = &logits[lo..hi];
+        let (raw, is_bad) = (k.max_and_bad)(block);
+        raw_max[i] = raw;
+        bad |= is_bad;
+        if pass.normalise {
+            normaliser_sums[i] = if raw == f32::NEG_INFINITY {
+                0.0
+            } else {
+                let shift = FastShift {
+                    reference: raw,
+                    scale: 1.0,
+                    offset: 0.0,
+                };
+                (k.fast_exp_sum)(block, shift).sum
+            };
+        }
+        if !pass.effective {
+            continue;
+        }
+        let start = cursor;
+        let count = touched_before(touched, &mut cursor, hi).len();
+        let in_block = &mut touched[start..start + count];
+        for t in in_block.iter_mut() {
+            t.read(block[t.id as usize - lo]);
+        }
+        let in_block = &*in_block;
+        // Without a mask the raw maximum stands unless a touched token holds it: bias and
+        // penalties touch about half the blocks, seldom their maximum.
+        let keeps_raw = !pass.masked && in_block.iter().all(|t| t.logit != raw);
+        let effective_block = if keeps_raw && pass.weigh.is_none() {
+            &[][..]
+        } else {
+            effective_block(base, b, in_block, patch)
+        };
+        let effective = if keeps_raw {
+            raw
+        } else {
+            (k.max_and_bad)(effective_block).0
+        };
+        effective_max[i] = effective;
+        if let Some(scale) = pass.weigh {
+            fast_sums[i] = if effective == f32::NEG_INFINITY {
+                FastSum::default()
+            } else {
+                let shift = FastShift {
+                    reference: effective,
+                    scale,
+                    offset: 0.0,
+                };
+                (k.fast_exp_sum)(effective_block, shift)
+            };
+        }
+    }
+    bad
+}
+
+/// Step 2, exactly: `log(sum(exp(logits)))` with f64 exponentials, shifted by the maximum so that
+/// no term overflows.
+fn log_normalizer(logits: &[f32], max: f32, k: &Kernels) -> f64 {
+    let sum: f64 = logits
+        .chunks(BLOCK)
+        .map(|b| (k.exp_sum)(b, 1.0, f64::from(max)))
+        .sum();
     f64::from(max) + sum.ln()
+}
+
+/// Step 2 from the scan's fast block sums (each relative to its block's maximum), within ~1e-6.
+fn fast_log_normalizer(scratch: &mut Scratch, max: f32, k: &Kernels) -> f64 {
+    let Scratch {
+        raw_max,
+        normaliser_sums,
+        factors,
+        ..
+    } = scratch;
+    block_factors(raw_max, 1.0, f64::from(max), factors, k);
+    let sum: f64 = normaliser_sums
+        .iter()
+        .zip(factors.iter())
+        .map(|(s, f)| s * f)
+        .sum();
+    f64::from(max) + sum.ln()
+}
+
+/// `factors[b] = exp(maxima[b] * scale - shift)`, 0 for a block at `-inf`: what turns a block's fast
+/// sum, taken relative to its own maximum, into the row's units.
+fn block_factors(maxima: &[f32], scale: f64, shift: f64, factors: &mut Vec<f64>, k: &Kernels) {
+    factors.clear();
+    factors.extend(maxima.iter().map(|&m| {
+        if m == f32::NEG_INFINITY {
+            f64::NEG_INFINITY
+        } else {
+            f64::from(m) * scale - shift
+        }
+    }));
+    (k.exp_in_place)(factors);
 }
 
 /// The `k` best `(id, raw logit)` pairs, best first, ties by lower id. Only blocks whose maximum
@@ -302,12 +582,12 @@ fn allows_everything(mask: &[u32], vocab: usize) -> bool {
     allows_range(mask, 0, vocab)
 }
 
-/// Steps 3 to 5 for the tokens they touch: `value = logit + bias - penalties` (the order and
-/// arithmetic of the first sampler), `-inf` where the mask forbids the token.
+/// Steps 3 to 5 for the tokens they touch: their bias and penalty (the scan then sets
+/// `value = (logit + bias) - penalty`, the order and arithmetic of the first sampler), and whether
+/// the mask allows them.
 fn fill_touched(
     params: &Params,
     state: &SequenceState,
-    logits: &[f32],
     mask: Option<&[u32]>,
     touched: &mut Vec<Touched>,
 ) {
@@ -326,25 +606,24 @@ fn fill_touched(
             (None, Some(&(b, _))) => b,
             (None, None) => break,
         };
-        let logit = logits[id as usize];
-        let mut value = f64::from(logit);
+        let mut t = Touched {
+            id,
+            logit: f32::NAN,
+            value: f64::NAN,
+            bias: 0.0,
+            penalty: 0.0,
+            allowed: mask.is_none_or(|m| is_allowed(m, id as usize)),
+            weight: 0.0,
+        };
         if let Some(&(_, b)) = bias.get(i).filter(|&&(a, _)| a == id) {
-            value += b;
+            t.bias = b;
             i += 1;
         }
         if let Some(&(_, c)) = counts.get(j).filter(|&&(a, _)| a == id) {
-            value -= params.frequency_penalty * f64::from(c) + params.presence_penalty;
+            t.penalty = params.frequency_penalty * f64::from(c) + params.presence_penalty;
             j += 1;
         }
-        if mask.is_some_and(|m| !is_allowed(m, id as usize)) {
-            value = f64::NEG_INFINITY;
-        }
-        touched.push(Touched {
-            id,
-            logit,
-            value,
-            weight: 0.0,
-        });
+        touched.push(t);
     }
 }
 
@@ -376,34 +655,6 @@ fn effective_block<'a>(
         patch[t.id as usize - lo] = f32::NEG_INFINITY;
     }
     patch
-}
-
-/// Block maxima of the effective (untouched, allowed) logits; returns their maximum.
-fn effective_maxima(base: &[f32], masked: bool, scratch: &mut Scratch, k: &Kernels) -> f32 {
-    let Scratch {
-        raw_max,
-        effective_max,
-        touched,
-        patch,
-        ..
-    } = scratch;
-    effective_max.clear();
-    let mut cursor = 0;
-    for (b, &raw) in raw_max.iter().enumerate() {
-        let hi = ((b + 1) * BLOCK).min(base.len());
-        let in_block = touched_before(touched, &mut cursor, hi);
-        // Without a mask the raw maximum stands unless a touched token holds it: only then is the
-        // block scanned again (bias and penalties touch ~half the blocks, seldom their maximum).
-        let m = if !masked && in_block.iter().all(|t| t.logit != raw) {
-            raw
-        } else {
-            (k.max_and_bad)(effective_block(base, b, in_block, patch)).0
-        };
-        effective_max.push(m);
-    }
-    effective_max
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 fn nothing_allowed(masked: bool) -> SamplerError {
@@ -486,44 +737,29 @@ fn draw(
     }
     let touched_total: f64 = scratch.touched.iter().map(|t| t.weight).sum();
 
-    // The fast sums: `z = (x - reference) * scale + offset` equals `x * inv_t - m` with the
-    // reference at the untouched maximum, so that z is 0 there and small where weights matter.
-    let reference = if untouched_max > f32::NEG_INFINITY {
-        untouched_max
-    } else {
-        0.0
-    };
-    let offset = (f64::from(reference) * inv_t - m) as f32;
-    let shift = FastShift {
-        reference,
-        scale: inv_t as f32,
-        offset,
-    };
+    // The scan's fast sums are each relative to their block's effective maximum `e`: scaled by
+    // `exp(e * inv_t - m)` (f64) they are in the units of the exact weights `exp(x * inv_t - m)`.
     let mut fast = FastSum::default();
     {
         let Scratch {
-            raw_max,
             effective_max,
             fast_sums,
-            touched,
-            patch,
+            factors,
             ..
         } = scratch;
-        fast_sums.clear();
-        let mut cursor = 0;
-        for (b, &block_max) in effective_max.iter().enumerate().take(raw_max.len()) {
-            let hi = ((b + 1) * BLOCK).min(logits.len());
-            let in_block = touched_before(touched, &mut cursor, hi);
-            let sum = if block_max == f32::NEG_INFINITY {
-                FastSum::default()
-            } else {
-                (k.fast_exp_sum)(effective_block(logits, b, in_block, patch), shift)
+        block_factors(effective_max, inv_t, m, factors, k);
+        for (sum, &factor) in fast_sums.iter_mut().zip(factors.iter()) {
+            *sum = FastSum {
+                sum: sum.sum * factor,
+                sum_wt: sum.sum_wt * factor,
             };
-            fast_sums.push(sum);
-            fast = fast + sum;
+            fast = fast + *sum;
         }
     }
-    // Not finite only for absurd inputs (logits near f32::MAX): then every decision goes exact.
+    // Each block's `z` is relative to its own maximum, so the f32 part has no offset; the factor's
+    // f64 argument is within about `|m| 2^-52` and stands in for it. Not finite only for absurd
+    // inputs (logits near f32::MAX): then every decision goes exact.
+    let offset = (m.abs() * f64::powi(2.0, -30)) as f32;
     let bound = Some(fast.error_bound(offset, logits.len()))
         .filter(|b| b.is_finite())
         .unwrap_or(f64::INFINITY);
@@ -612,40 +848,58 @@ impl Row<'_> {
         let mut kept = None;
         for level in NUCLEUS_LEVELS {
             self.collect_candidates(scratch, level);
-            let (lo, hi) = crossing(&mut scratch.candidates, thresholds);
+            let Scratch {
+                candidates,
+                sorted,
+                crossing_bucket,
+                ..
+            } = &mut *scratch;
+            let (lo, hi) = crossing_keys(candidates, thresholds, sorted, crossing_bucket);
             match (lo, hi) {
                 (Some(a), Some(b)) if a == b => {
-                    kept = Some(a + 1);
+                    kept = Some(a);
                     break;
                 }
                 (Some(_), _) if thresholds.0 != thresholds.1 => {
                     // The fast total cannot decide: settle it with exact sums.
                     let exact = top_p * self.exact_sums(scratch);
                     thresholds = (exact, exact);
-                    if let (Some(a), _) = crossing(&mut scratch.candidates, thresholds) {
-                        kept = Some(a + 1);
+                    let Scratch {
+                        candidates,
+                        sorted,
+                        crossing_bucket,
+                        ..
+                    } = &mut *scratch;
+                    if let (Some(a), _) =
+                        crossing_keys(candidates, thresholds, sorted, crossing_bucket)
+                    {
+                        kept = Some(a);
                         break;
                     }
                 }
                 _ => {}
             }
         }
-        // Never reached: every token with a positive weight is kept, as the first sampler did.
-        let candidates = &mut scratch.candidates;
-        let kept = kept.unwrap_or(candidates.len()).min(candidates.len());
-        let kept = &mut candidates[..kept];
-        kept.sort_unstable_by_key(|&(id, _)| id);
-        let kept_total = kept.iter().fold(0.0, |acc, &(_, w)| acc + w);
+        // The kept tokens in id order (the candidates' order). With no crossing (never reached)
+        // every token with a positive weight is kept, as the first sampler did.
+        let is_kept = |&(id, w): &(u32, f64)| kept.is_none_or(|c: Crossing| c.keeps(id, w));
+        let candidates = &scratch.candidates;
+        let kept_total = candidates
+            .iter()
+            .filter(|c| is_kept(c))
+            .fold(0.0, |acc, &(_, w)| acc + w);
         let target = u * kept_total;
         let mut mass = 0.0;
-        for &(id, w) in kept.iter() {
+        let mut last = 0;
+        for &(id, w) in candidates.iter().filter(|c| is_kept(c)) {
             mass += w;
             if mass > target {
                 return id;
             }
+            last = id;
         }
         // Only reached when `u * kept_total` rounded up to it.
-        kept.last().map_or(0, |&(id, _)| id)
+        last
     }
 
     /// Tokens with weight at least `e^level` (all with a positive weight at `-inf`). Logits are
@@ -665,6 +919,7 @@ impl Row<'_> {
             touched,
             candidates,
             weights,
+            sorted,
             ..
         } = scratch;
         candidates.clear();
@@ -708,10 +963,22 @@ impl Row<'_> {
         }
         candidates.truncate(kept);
         weights.resize(BLOCK, 0.0);
-        for t in touched.iter() {
-            if t.weight > 0.0 && t.weight >= floor {
-                candidates.push((t.id, t.weight));
+        // Touched tokens merged in, so that the candidates stay in id order.
+        if touched.iter().any(|t| t.weight > 0.0 && t.weight >= floor) {
+            sorted.clear();
+            let mut extra = touched
+                .iter()
+                .filter(|t| t.weight > 0.0 && t.weight >= floor)
+                .map(|t| (t.id, t.weight))
+                .peekable();
+            for &c in candidates.iter() {
+                while let Some(t) = extra.next_if(|t| t.0 < c.0) {
+                    sorted.push(t);
+                }
+                sorted.push(c);
             }
+            sorted.extend(extra);
+            std::mem::swap(candidates, sorted);
         }
     }
 
@@ -815,6 +1082,107 @@ fn weight_bucket(w: f64) -> usize {
     } else {
         WEIGHT_BUCKETS - 1
     }
+}
+
+/// Where top-p's heavier-first running mass first reaches a threshold: the number of candidates
+/// kept and the last kept one. The kept tokens are exactly those at least as heavy, ties going
+/// to the lower id.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Crossing {
+    kept: usize,
+    weight: f64,
+    id: u32,
+}
+
+impl Crossing {
+    fn keeps(&self, id: u32, weight: f64) -> bool {
+        weight > self.weight || (weight == self.weight && id <= self.id)
+    }
+}
+
+/// [`crossing`]'s answer for each threshold, without reordering `candidates`.
+///
+/// The histogram of [`weight_bucket`] says which bucket holds the crossing; only that bucket's
+/// candidates are sorted, the heavier buckets' mass is taken as a sum in candidate order. That sum
+/// differs from the heavier-first running sum of a full sort by rounding alone, at most
+/// `2 n 2^-53` of it for `n` terms: where a threshold lies farther than that from the running
+/// mass on both sides of the crossing, the answer is exactly the full sort's; otherwise (or if the
+/// rounding moved the crossing out of the bucket) a full sort in `sorted` settles it.
+fn crossing_keys(
+    candidates: &[(u32, f64)],
+    thresholds: (f64, f64),
+    sorted: &mut Vec<(u32, f64)>,
+    bucket: &mut Vec<(u32, f64)>,
+) -> (Option<Crossing>, Option<Crossing>) {
+    let mut mass = [0.0f64; WEIGHT_BUCKETS];
+    let mut count = [0usize; WEIGHT_BUCKETS];
+    for &(_, w) in candidates {
+        let b = weight_bucket(w);
+        mass[b] += w;
+        count[b] += 1;
+    }
+    let total: f64 = mass.iter().sum();
+    // As in `crossing`: far short of the lower threshold, no order of summing reaches it.
+    if total < thresholds.0 * (1.0 - 1e-9) {
+        return (None, None);
+    }
+    let mut find = |threshold: f64| -> Result<Option<Crossing>, ()> {
+        let slack = |terms: usize, m: f64| 2.0 * (terms as f64 + 1.0) * f64::EPSILON * m;
+        let (mut before, mut terms) = (0.0, 0);
+        for b in 0..WEIGHT_BUCKETS {
+            if before + mass[b] < threshold {
+                before += mass[b];
+                terms += count[b];
+                continue;
+            }
+            bucket.clear();
+            bucket.extend(candidates.iter().filter(|c| weight_bucket(c.1) == b));
+            bucket.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let mut running = before;
+            for (j, &(id, w)) in bucket.iter().enumerate() {
+                let previous = running;
+                running += w;
+                if running >= threshold {
+                    let clear = running - slack(terms + j + 1, running) >= threshold
+                        && previous + slack(terms + j, previous) < threshold;
+                    return if clear {
+                        Ok(Some(Crossing {
+                            kept: terms + j + 1,
+                            weight: w,
+                            id,
+                        }))
+                    } else {
+                        Err(())
+                    };
+                }
+            }
+            return Err(());
+        }
+        // Not reached by the histogram's total: fine only if no order of summing could reach it.
+        if before + slack(terms, before) < threshold {
+            Ok(None)
+        } else {
+            Err(())
+        }
+    };
+    let lo = find(thresholds.0);
+    let hi = if thresholds.1 == thresholds.0 {
+        lo
+    } else {
+        find(thresholds.1)
+    };
+    if let (Ok(lo), Ok(hi)) = (lo, hi) {
+        return (lo, hi);
+    }
+    sorted.clear();
+    sorted.extend_from_slice(candidates);
+    let (lo, hi) = crossing(sorted, thresholds);
+    let key = |i: usize| Crossing {
+        kept: i + 1,
+        weight: sorted[i].1,
+        id: sorted[i].0,
+    };
+    (lo.map(key), hi.map(key))
 }
 
 /// Sorts `candidates` heaviest first (ties: lower id) as far as needed and returns the first

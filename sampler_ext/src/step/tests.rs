@@ -102,7 +102,8 @@ fn steps_match_the_brute_force_sampler() {
         (2.0, 0.05, 2.0, -2.0),
         (0.0, 1.0, 1.0, 0.5),
     ];
-    for vocab in [1usize, 2, 255, 256, 257, 5000, 70_000] {
+    // 130,000: above SHARED_SCAN_MIN_VOCAB, so the scan is shared with the helper thread.
+    for vocab in [1usize, 2, 255, 256, 257, 5000, 70_000, 130_000] {
         for (case, &(temperature, top_p, frequency_penalty, presence_penalty)) in
             configs.iter().enumerate()
         {
@@ -141,7 +142,14 @@ fn steps_match_the_brute_force_sampler() {
                         &logits,
                         words.as_deref(),
                         &mut scratch,
-                        LogprobPrecision::Exact,
+                        StepMode {
+                            precision: LogprobPrecision::Exact,
+                            cores: if step % 2 == 0 {
+                                Cores::One
+                            } else {
+                                Cores::Both
+                            },
+                        },
                     )
                     .unwrap();
                 assert_eq!(pending.token, expected, "V {vocab} case {case} step {step}");
@@ -163,14 +171,20 @@ fn a_mask_that_allows_nothing_possible_is_refused() {
         &logits,
         Some(&mask),
         &mut Scratch::default(),
-        LogprobPrecision::Fast,
+        StepMode {
+            precision: LogprobPrecision::Fast,
+            cores: Cores::One,
+        },
     );
     assert_eq!(result.unwrap_err(), SamplerError::NothingAllowed);
     let result = sequence.choose(
         &logits,
         Some(&[0u32]),
         &mut Scratch::default(),
-        LogprobPrecision::Fast,
+        StepMode {
+            precision: LogprobPrecision::Fast,
+            cores: Cores::One,
+        },
     );
     assert!(matches!(
         result,
@@ -197,6 +211,14 @@ fn the_nucleus_crossing_is_the_brute_force_one() {
                 mass += c.1;
                 mass >= p * total
             });
+            let key = |i: usize| Crossing {
+                kept: i + 1,
+                weight: sorted[i].1,
+                id: sorted[i].0,
+            };
+            let (mut buf, mut bucket) = (Vec::new(), Vec::new());
+            let keys = crossing_keys(&candidates, (p * total, p * total), &mut buf, &mut bucket);
+            assert_eq!(keys, (expected.map(key), expected.map(key)), "n {n} p {p}");
             let (lo, hi) = crossing(&mut candidates, (p * total, p * total));
             assert_eq!((lo, hi), (expected, expected), "n {n} p {p}");
             if let Some(i) = expected {
@@ -231,6 +253,17 @@ fn the_nucleus_crossing_of_two_thresholds_is_the_brute_force_one() {
                 let mut shuffled = candidates.clone();
                 let (a, b) = crossing(&mut shuffled, (lo, hi));
                 let expected = (first_reaching(lo), first_reaching(hi));
+                let key = |i: usize| Crossing {
+                    kept: i + 1,
+                    weight: sorted[i].1,
+                    id: sorted[i].0,
+                };
+                let (mut buf, mut bucket) = (Vec::new(), Vec::new());
+                assert_eq!(
+                    crossing_keys(&candidates, (lo, hi), &mut buf, &mut bucket),
+                    (expected.0.map(key), expected.1.map(key)),
+                    "keys: n {n} p {p} spread {spread}"
+                );
                 assert_eq!((a, b), expected, "n {n} p {p} spread {spread}");
                 if let Some(i) = b.or(a) {
                     assert_eq!(
