@@ -86,8 +86,12 @@ class BatchSampler:
     float32, and summed with a fast float32 pass (within about 1e-6 of the exact value).
     """
 
-    def __init__(self, vocab_size: int) -> None:
-        """``vocab_size`` in ``[1, 2**31 - 1]``: every logits row has this many columns."""
+    def __init__(self, vocab_size: int, *, helper_thread: bool = True) -> None:
+        """``vocab_size`` in ``[1, 2**31 - 1]``: every logits row has this many columns.
+
+        With ``helper_thread`` (the default) a row of at least 100,000 logits, or a batch of at
+        least 200,000, is shared with one helper thread; off, every call runs on the calling thread
+        alone. The tokens are the same either way."""
 
     def add(
         self,

@@ -36,6 +36,8 @@ pub struct BatchSampler {
     vocab_size: usize,
     sequences: HashMap<i64, Sequence>,
     scratch: Vec<Scratch>,
+    /// Whether large rows and batches may use the helper thread (see `parallel.rs`).
+    helper_thread: bool,
 }
 
 impl BatchSampler {
@@ -48,7 +50,14 @@ impl BatchSampler {
             sequences: HashMap::new(),
             // One for this thread and one for the helper (see `parallel.rs`).
             scratch: vec![Scratch::default(), Scratch::default()],
+            helper_thread: true,
         })
+    }
+
+    /// Off, every call runs on the calling thread alone (to measure what the helper brings, or
+    /// where the caller keeps both cores busy itself).
+    pub fn set_helper_thread(&mut self, on: bool) {
+        self.helper_thread = on;
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -162,37 +171,45 @@ impl BatchSampler {
                     source: Box::new(source),
                 })
         };
-        let results: Vec<Result<_, SamplerError>> =
-            if rows > 1 && rows * vocab >= PARALLEL_MIN_LOGITS && crate::parallel::available() {
-                // Rows handed out one at a time to this thread and the helper, each with its own
-                // scratch, so that a helper that wakes late just takes fewer rows.
-                let next = AtomicUsize::new(0);
-                let scratches = Mutex::new(self.scratch.iter_mut().collect::<Vec<_>>());
-                let done = Mutex::new(Vec::with_capacity(rows));
-                crate::parallel::on_both(|| {
-                    let Some(scratch) = scratches.lock().ok().and_then(|mut s| s.pop()) else {
-                        return;
-                    };
-                    loop {
-                        let row = next.fetch_add(1, Ordering::Relaxed);
-                        if row >= rows {
-                            break;
-                        }
-                        let result = choose_row(row, scratch, Cores::One);
-                        if let Ok(mut done) = done.lock() {
-                            done.push((row, result));
-                        }
+        let results: Vec<Result<_, SamplerError>> = if self.helper_thread
+            && rows > 1
+            && rows * vocab >= PARALLEL_MIN_LOGITS
+            && crate::parallel::available()
+        {
+            // Rows handed out one at a time to this thread and the helper, each with its own
+            // scratch, so that a helper that wakes late just takes fewer rows.
+            let next = AtomicUsize::new(0);
+            let scratches = Mutex::new(self.scratch.iter_mut().collect::<Vec<_>>());
+            let done = Mutex::new(Vec::with_capacity(rows));
+            crate::parallel::on_both(|| {
+                let Some(scratch) = scratches.lock().ok().and_then(|mut s| s.pop()) else {
+                    return;
+                };
+                loop {
+                    let row = next.fetch_add(1, Ordering::Relaxed);
+                    if row >= rows {
+                        break;
                     }
-                });
-                let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
-                done.sort_unstable_by_key(|&(row, _)| row);
-                done.into_iter().map(|(_, result)| result).collect()
+                    let result = choose_row(row, scratch, Cores::One);
+                    if let Ok(mut done) = done.lock() {
+                        done.push((row, result));
+                    }
+                }
+            });
+            let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+            done.sort_unstable_by_key(|&(row, _)| row);
+            done.into_iter().map(|(_, result)| result).collect()
+        } else {
+            // One row, or rows too small to share: each large row shares its own scan.
+            let cores = if self.helper_thread {
+                Cores::Both
             } else {
-                // One row, or rows too small to share: each large row shares its own scan.
-                (0..rows)
-                    .map(|row| choose_row(row, &mut self.scratch[0], Cores::Both))
-                    .collect()
+                Cores::One
             };
+            (0..rows)
+                .map(|row| choose_row(row, &mut self.scratch[0], cores))
+                .collect()
+        };
         let chosen: Vec<(Pending, Vec<(u32, f64)>)> =
             results.into_iter().collect::<Result<_, _>>()?;
 

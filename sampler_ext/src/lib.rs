@@ -157,10 +157,11 @@ pub struct PyBatchSampler {
 #[pymethods]
 impl PyBatchSampler {
     #[new]
-    fn new(vocab_size: &Bound<'_, PyAny>) -> PyResult<Self> {
-        Ok(Self {
-            inner: BatchSampler::new(extract_int(vocab_size, "vocab_size")?)?,
-        })
+    #[pyo3(signature = (vocab_size, *, helper_thread = true))]
+    fn new(vocab_size: &Bound<'_, PyAny>, helper_thread: bool) -> PyResult<Self> {
+        let mut inner = BatchSampler::new(extract_int(vocab_size, "vocab_size")?)?;
+        inner.set_helper_thread(helper_thread);
+        Ok(Self { inner })
     }
 
     #[pyo3(signature = (

@@ -336,3 +336,22 @@ def test_large_batches_use_threads_and_agree() -> None:
         logits = random_logits(rng, (rows, vocab_size))
         tokens = batch.sample(logits, list(range(rows)))[0]
         assert list(tokens) == [s.sample(logits[i])[0] for i, s in enumerate(singles)]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("params", PARAMS[1:4])
+def test_the_helper_thread_changes_nothing(rows: int, params: dict) -> None:
+    """A large row's scan shared with the helper thread, and rows shared between threads, give the
+    tokens and logprobs of the calling thread alone."""
+    vocab_size = 262_144
+    rng = np.random.default_rng(rows)
+    shared, alone = BatchSampler(vocab_size), BatchSampler(vocab_size, helper_thread=False)
+    bias = {int(t): float(rng.uniform(-5, 5)) for t in rng.choice(vocab_size, 300, replace=False)}
+    for sampler in (shared, alone):
+        for key in range(rows):
+            sampler.add(key, seed=key, logit_bias=bias, logprobs=True, **params)
+    for _ in range(5):
+        logits = random_logits(rng, (rows, vocab_size))
+        a, b = shared.sample(logits, list(range(rows))), alone.sample(logits, list(range(rows)))
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
