@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+import orjson
 from google.protobuf import struct_pb2
 
 from adapters.rest.errors import invalid_request
@@ -47,8 +48,9 @@ def _refuse_constant(name: str) -> None:
 
 
 # Python's json accepts NaN and Infinity, which are not JSON; a request carrying them is refused.
+# Requests are read with it rather than orjson, which turns integers beyond 64 bits into floats: a
+# too large max_tokens would then be a type error instead of the range error that names it.
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 _NOT_JSON = (
     "We could not parse the JSON body of your request. The API expects a JSON object "
@@ -71,8 +73,8 @@ def parse_body(body: bytes) -> dict:
 
 
 def encode(value: dict) -> bytes:
-    """Compact UTF-8 JSON."""
-    return _encoder.encode(value).encode()
+    """Compact UTF-8 JSON (orjson: a streamed answer encodes one object per token)."""
+    return orjson.dumps(value)
 
 
 # ---------------------------------------------------------------------------
