@@ -49,6 +49,13 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         default=256,
         help="prompt tokens per prefill chunk; one chunk per step while other sequences decode (default: %(default)s)",
     )
+    group.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the KV cache of finished requests' prompts in their free slots, so that a request sharing a prefix "
+        "(the next turn of a chat) prefills only the rest; output is the same either way (default: on)",
+    )
     group.add_argument("--max-n", type=int, default=8, help="the largest 'n' (choices per request) accepted (default: %(default)s)")
     group.add_argument("--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores)")
@@ -107,6 +114,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:  # noqa: ANN001
         max_waiting=args.max_waiting,
         threads=args.threads,
         max_choices=args.max_n,
+        prefix_cache=args.prefix_cache,
     )
     registry = ModelRegistry(specs, settings)
     config = GrpcServerConfig(

@@ -93,6 +93,7 @@ class EngineSettings:
     max_waiting: int = 256
     threads: int | None = None
     max_choices: int = 8
+    prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
 
 
 class ModelRegistry:
@@ -115,7 +116,13 @@ class ModelRegistry:
                 threads=settings.threads,
             )
             grammars = GrammarCompiler(model.vocab, model.vocab_size)
-            scheduler = Scheduler(model, grammars, max_waiting=settings.max_waiting, prefill_chunk=settings.prefill_chunk)
+            scheduler = Scheduler(
+                model,
+                grammars,
+                max_waiting=settings.max_waiting,
+                prefill_chunk=settings.prefill_chunk,
+                prefix_cache=settings.prefix_cache,
+            )
             self._served[spec.model_id] = ServedModel(model, scheduler, spec.capabilities, grammars)
 
     def get(self, model_id: str) -> ServedModel:

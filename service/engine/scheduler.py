@@ -3,8 +3,9 @@
 Each step decodes the next token of every decoding sequence in one batch (one `llama_decode`) and
 samples them all in one call to the Rust `BatchSampler`; then it prefills prompt chunks of newcomers,
 each chunk in a decode call of its own. Requests join between steps (as soon as enough sequence
-slots are free) and leave between steps (when finished or cancelled, their KV cache is removed at
-once). Prompts are prefilled in chunks of `prefill_chunk` tokens, at most one chunk per step while
+slots are free) and leave between steps (when finished or cancelled). A finished sequence's slot
+keeps the KV of its prompt's whole chunks, so that a later request with the same prefix (the next
+turn of a chat) starts from there (prefix_cache.py says why that never changes the output). Prompts are prefilled in chunks of `prefill_chunk` tokens, at most one chunk per step while
 others decode, so that a newcomer does not stall the sequences already decoding. A request for n
 choices prefills its prompt once, as choice 0, then copies that KV cache to the other n - 1
 sequences, which sample their first token from the same logits. Decode runs on this thread, never on the asyncio loop; results go back
@@ -29,6 +30,7 @@ import sampler_ext
 from service.engine.batch import TokenBatch
 from service.engine.grammar import GrammarCompiler
 from service.engine.model import LoadedModel
+from service.engine.prefix_cache import PrefixCache
 from service.engine.sequence import Sequence, SequenceUpdate
 from service.errors import InvalidArgument, QueueFull
 from service.request import Generation
@@ -58,6 +60,7 @@ class StepTimings:
     sample_seconds: float = 0.0  # inside BatchSampler.sample
     mask_seconds: float = 0.0  # grammar bitmasks
     sampled_rows: int = 0
+    prefilled_tokens: int = 0  # prompt tokens run through llama_decode (not those the prefix cache held)
 
 
 class RequestStream:
@@ -88,7 +91,15 @@ class RequestStream:
 class Scheduler:
     """Runs generation for one model; `submit` from the asyncio loop, everything else on its thread."""
 
-    def __init__(self, model: LoadedModel, grammars: GrammarCompiler, *, max_waiting: int = 256, prefill_chunk: int = 256) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        grammars: GrammarCompiler,
+        *,
+        max_waiting: int = 256,
+        prefill_chunk: int = 256,
+        prefix_cache: bool = True,
+    ) -> None:
         self._model = model
         self._grammars = grammars
         self._max_waiting = max_waiting
@@ -96,7 +107,7 @@ class Scheduler:
         self._condition = threading.Condition()
         self._waiting: collections.deque[list[Sequence]] = collections.deque()  # requests, as their sequences
         self._active: list[Sequence] = []
-        self._free_slots = list(range(model.max_sequences - 1, -1, -1))
+        self.prefix_cache = PrefixCache(model.memory, model.max_sequences, self._prefill_chunk, enabled=prefix_cache)
         self._batch = TokenBatch(model.batch_size)
         self._sampler = sampler_ext.BatchSampler(model.vocab_size)
         # One mask row per possible output row; an unconstrained row is all ones.
@@ -178,13 +189,15 @@ class Scheduler:
                     log.exception("generation step failed; failing its sequences")
                     for sequence in list(self._active):
                         self._fail(sequence, "internal error during generation")
+                    # A llama_decode that failed half-way may leave any stream in doubt.
+                    self.prefix_cache.clear()
         for sequence in list(self._active) + [s for request in self._waiting for s in request]:
             self._fail(sequence, "the server is shutting down")
 
     def _take_admissible(self) -> list[list[Sequence]]:
         """Waiting requests, oldest first, while enough sequence slots are free for all their choices."""
         admitted = []
-        free = len(self._free_slots)
+        free = self.prefix_cache.free_count
         while self._waiting and free >= len(self._waiting[0]):
             request = self._waiting.popleft()
             free -= len(request)
@@ -193,7 +206,10 @@ class Scheduler:
 
     def _start(self, request: list[Sequence]) -> None:
         for sequence in request:
-            sequence.seq_id = self._free_slots.pop()
+            # Choice 0 prefills the prompt; the other choices get a copy of its KV, whatever they held.
+            prompt = None if sequence.awaiting_fork else sequence.generation.prompt_tokens
+            sequence.seq_id, reused = self.prefix_cache.acquire(prompt)
+            sequence.prefilled = sequence.n_past = reused
             self._active.append(sequence)
         try:
             for sequence in request:
@@ -215,16 +231,19 @@ class Scheduler:
             for sequence in request:
                 self._fail(sequence, f"could not start generation: {error}")
 
-    def _release(self, sequence: Sequence) -> None:
+    def _release(self, sequence: Sequence, *, keep_prompt: bool) -> None:
+        """Free the sequence's slot. `keep_prompt`: its prompt chunks' KV may serve a later request
+        (true after a finish or a cancel, both taken between steps, when every llama_decode it
+        was part of has completed; false after a failure, when nothing in its KV is trusted)."""
         self._active.remove(sequence)
-        llama_cpp.llama_memory_seq_rm(self._model.memory, sequence.seq_id, -1, -1)
+        done = sequence.generation.prompt_tokens[: sequence.prefilled] if keep_prompt else None
+        self.prefix_cache.release(sequence.seq_id, done)
         self._sampler.remove(sequence.seq_id)
-        self._free_slots.append(sequence.seq_id)
         sequence.finished = True
 
     def _fail(self, sequence: Sequence, message: str) -> None:
         if sequence in self._active:
-            self._release(sequence)
+            self._release(sequence, keep_prompt=False)
         elif sequence.finished:
             return  # already ended and reported
         sequence.fail(message)
@@ -246,7 +265,7 @@ class Scheduler:
 
     def _step(self) -> None:
         for sequence in [s for s in self._active if s.cancelled]:
-            self._release(sequence)
+            self._release(sequence, keep_prompt=True)
         decoding = [s for s in self._active if not s.in_prefill]
         if decoding:
             self._decode(decoding)
@@ -291,6 +310,7 @@ class Scheduler:
         batch.clear()
         batch.add(sequence.seq_id, sequence.generation.prompt_tokens[start : start + count], start, output_last=completes)
         self._run_batch()
+        self.timings.prefilled_tokens += count
         sequence.prefilled = sequence.n_past = start + count
         if completes:
             rows = [sequence, *self._fork(sequence)]
@@ -347,4 +367,4 @@ class Scheduler:
             update = sequence.accept(token, float(logprobs[row]), top)
             sequence.deliver(update)
             if sequence.finished:
-                self._release(sequence)
+                self._release(sequence, keep_prompt=True)

@@ -1,0 +1,146 @@
+"""The sequence slots of one context, and the prompt prefixes their KV cache still holds when free.
+
+A slot whose sequence has finished keeps its KV cache: a later request that begins with the same
+tokens (a chat resending its history) takes that slot and prefills only what follows. The cache is
+the free slots themselves, so it is bounded by `--parallel` and costs no memory beyond the KV cache
+llama.cpp has already allocated; a slot is evicted (cleared) least-recently-used when a request
+needs it for another prompt.
+
+Exactness. Output with the cache must be bit-identical to output without it. llama.cpp's matrix
+kernels depend on the number of rows in a ubatch, so the KV of a position depends on the chunk that
+computed it, not only on the tokens before it: a prompt prefilled in chunks [0, 256), [256, 512),
+[512, 700) gives other logits than one whose tail was decoded token by token, or chunked
+[512, 684), [684, 700). Without the cache a prompt is prefilled in chunks at fixed boundaries
+(multiples of `chunk` from position 0). So a slot offers only the whole chunks of its own *prompt*:
+their KV came from exactly the llama_decode calls a fresh prefill of the new prompt would make
+(same tokens, same boundaries, same KV before them). Never the generated tokens (decoded one row at
+a time) and never a prompt's last, partial chunk. The positions after the reused prefix are removed
+with llama_memory_seq_rm, which leaves the stream as a fresh prefill would (its cells are placed by
+position from the cleared head on; measured identical logits).
+
+Only the scheduler thread calls this.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as TokenList
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+
+@dataclass
+class _Retained:
+    tokens: np.ndarray  # the prompt tokens whose KV the slot holds, whole chunks only
+    last_used: int
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters since start, for tests and benchmarks."""
+
+    lookups: int = 0  # requests that asked for a slot with a prompt
+    hits: int = 0  # of them, those that reused a prefix
+    reused_tokens: int = 0  # prompt tokens not prefilled thanks to the cache
+    evictions: int = 0  # retained prefixes dropped to make room
+
+
+class PrefixCache:
+    """Hands out free sequence slots, preferring one that already holds a prefix of the prompt."""
+
+    def __init__(self, memory: llama_cpp.llama_memory_t, slots: int, chunk: int, *, enabled: bool = True) -> None:
+        self._memory = memory
+        self._chunk = chunk
+        self.enabled = enabled
+        # Free slots; a slot maps to what it retains, or None when its KV is empty.
+        self._free: dict[int, _Retained | None] = {slot: None for slot in range(slots)}
+        self._clock = itertools.count(1)
+        self.stats = PrefixCacheStats()
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def retained(self) -> dict[int, int]:
+        """Free slot -> number of prompt tokens it can offer (for tests and logs)."""
+        return {slot: len(kept.tokens) for slot, kept in self._free.items() if kept is not None}
+
+    def acquire(self, prompt: TokenList[int] | None) -> tuple[int, int]:
+        """A free slot for a sequence, and how many leading prompt tokens its KV already holds.
+
+        `prompt` None: the slot's KV will be overwritten (a forked choice), so any slot will do and
+        one that retains nothing is taken first."""
+        if not self._free:
+            raise RuntimeError("no free sequence slot")
+        slot, reused = self._choose(prompt)
+        kept = self._free.pop(slot)
+        if reused:
+            # The stream keeps [0, reused); what follows was the old request's own.
+            if llama_cpp.llama_memory_seq_rm(self._memory, slot, reused, -1):
+                self.stats.hits += 1
+                self.stats.reused_tokens += reused
+                return slot, reused
+            reused = 0  # this memory cannot drop a tail: start from nothing
+        if kept is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self.stats.evictions += 1
+        return slot, 0
+
+    def _choose(self, prompt: TokenList[int] | None) -> tuple[int, int]:
+        if prompt is not None:
+            self.stats.lookups += 1
+        best_slot, best_reused, best_used = -1, 0, -1
+        if prompt is not None and self.enabled and len(prompt) > self._chunk:
+            query = np.asarray(prompt, dtype=np.int32)
+            # At least the prompt's last token is prefilled again: its logits start generation.
+            limit = (len(query) - 1) // self._chunk * self._chunk
+            for slot, kept in self._free.items():
+                if kept is None:
+                    continue
+                reused = min(_common_prefix(kept.tokens, query), limit) // self._chunk * self._chunk
+                if reused > best_reused or (reused == best_reused and reused and kept.last_used > best_used):
+                    best_slot, best_reused, best_used = slot, reused, kept.last_used
+        if best_reused:
+            if llama_cpp.llama_memory_seq_pos_min(self._memory, best_slot) == 0:
+                return best_slot, best_reused
+            # Positions at the start were dropped (a sliding-window cache that is not full size):
+            # the prefix is not all there, so it cannot be reused.
+        empty = [slot for slot, kept in self._free.items() if kept is None]
+        if empty:
+            return empty[0], 0
+        # Evict the least recently used prefix.
+        return min(self._free, key=lambda slot: self._free[slot].last_used), 0
+
+    def release(self, slot: int, prompt_done: TokenList[int] | None) -> None:
+        """Give a slot back. `prompt_done`: the prompt tokens whose KV the slot holds, all computed
+        by whole prefill chunks from position 0 (None when its KV may not be trusted: cleared)."""
+        reusable = 0 if prompt_done is None or not self.enabled else len(prompt_done) // self._chunk * self._chunk
+        if reusable == 0:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self._free[slot] = None
+            return
+        tokens = np.asarray(prompt_done[:reusable], dtype=np.int32)
+        for other, kept in self._free.items():
+            if kept is not None and len(kept.tokens) == reusable and np.array_equal(kept.tokens, tokens):
+                # The n choices of one request end with the same prompt: keep one copy, so that
+                # the other slots stay free for other prefixes.
+                kept.last_used = next(self._clock)
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                self._free[slot] = None
+                return
+        self._free[slot] = _Retained(tokens, next(self._clock))
+
+    def clear(self) -> None:
+        """Drop every retained prefix (after a failed step, when no KV can be trusted)."""
+        for slot, kept in self._free.items():
+            if kept is not None:
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                self._free[slot] = None
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n

@@ -1,0 +1,206 @@
+"""The prefix cache on the real engine: it reuses shared prompt prefixes and never changes the output.
+
+Every test runs the same requests on two engines over the embedded model, one with the cache and
+one without, and requires the same text, the same logprobs (bit for bit) and the same finish
+reasons, while the cache's counters show that prefill was actually skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from chatrpc.cli import build_parser
+from service.engine.grammar import GrammarCompiler
+from service.engine.model import LoadedModel
+from service.engine.scheduler import Scheduler
+from service.models import embedded_model_path
+from service.request import Generation, SamplingParams
+
+TOPICS = ["a lighthouse keeper", "a beekeeper in the mountains", "a night train across the desert", "a baker at dawn"]
+
+
+def question(topic: str, turn: int) -> str:
+    # Long enough (~90 tokens) that a few turns cross several prefill chunks.
+    return (
+        f"Part {turn + 1}. Tell me more about {topic}: what the days are like in spring, summer, autumn and winter, "
+        "which tools are used, which sounds and smells fill the place, who visits, what goes wrong when the weather "
+        "turns, how the work has changed over the last hundred years, and what a newcomer should learn first. "
+        "Describe it plainly, in full sentences, as a story told to a friend."
+    )
+
+
+@dataclass(frozen=True)
+class Choice:
+    text: str
+    logprobs: tuple[float, ...]
+    finish_reason: str | None
+
+
+class Engine:
+    """One model with its scheduler, as service.models builds them, with the cache on or off."""
+
+    def __init__(self, *, prefix_cache: bool, slots: int = 3, chunk: int = 256) -> None:
+        self.model = LoadedModel("test", embedded_model_path(), context_per_sequence=1024, max_sequences=slots)
+        self.scheduler = Scheduler(
+            self.model, GrammarCompiler(self.model.vocab, self.model.vocab_size), prefill_chunk=chunk, prefix_cache=prefix_cache
+        )
+        self.slots = slots
+
+    @property
+    def cache(self):  # noqa: ANN201
+        return self.scheduler.prefix_cache
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self.model.render_prompt(messages)
+
+    def run(self, prompt: list[int], *, n: int = 1, max_tokens: int = 32, cancel_after: int | None = None, **sampling) -> list[Choice]:
+        generation = Generation(
+            prompt_tokens=prompt, max_new_tokens=max_tokens, stop=[], n=n, sampling=SamplingParams(logprobs=True, **sampling)
+        )
+        return asyncio.run(self._collect(generation, cancel_after))
+
+    async def _collect(self, generation: Generation, cancel_after: int | None) -> list[Choice]:
+        stream = self.scheduler.submit(generation)
+        texts = [""] * generation.n
+        logprobs: list[list[float]] = [[] for _ in range(generation.n)]
+        finish: list[str | None] = [None] * generation.n
+        seen = 0
+        async for update in stream.updates():
+            assert update.error is None, update.error
+            texts[update.index] += update.text
+            logprobs[update.index] += [entry.logprob for entry in update.logprobs or ()]
+            finish[update.index] = update.finish_reason or finish[update.index]
+            seen += 1
+            if cancel_after is not None and seen >= cancel_after:
+                stream.cancel()
+                # Updates may still come until the scheduler's next step: keep their loop open.
+                await self._until_idle(asyncio.sleep)
+                break
+        return [Choice(t, tuple(lp), f) for t, lp, f in zip(texts, logprobs, finish)]
+
+    async def _until_idle(self, sleep) -> None:  # noqa: ANN001
+        """Until every slot is back (a cancelled request leaves at the scheduler's next step)."""
+        deadline = time.monotonic() + 60
+        while self.cache.free_count < self.slots:
+            assert time.monotonic() < deadline, "the scheduler did not free its slots"
+            await sleep(0.01)
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.model.close()
+
+
+@pytest.fixture
+def engine_pair():
+    """Makes (with the cache, without) of a size, and closes them after the test."""
+    made: list[Engine] = []
+
+    def make(*, slots: int = 3, chunk: int = 256) -> tuple[Engine, Engine]:
+        made.append(Engine(prefix_cache=True, slots=slots, chunk=chunk))
+        made.append(Engine(prefix_cache=False, slots=slots, chunk=chunk))
+        return made[-2], made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+def shared_chunks(earlier: list[int], later: list[int], chunk: int) -> int:
+    """What the cache may reuse: whole chunks of the earlier prompt that the later one starts with,
+    leaving at least the later prompt's last token to prefill."""
+    common = 0
+    while common < min(len(earlier), len(later)) and earlier[common] == later[common]:
+        common += 1
+    return min(common, len(later) - 1) // chunk * chunk
+
+
+@pytest.mark.parametrize(
+    ("sampling", "chunk"),
+    [({"temperature": 0.0}, 256), ({"temperature": 0.8, "seed": 1234}, 64)],
+    ids=["greedy-chunk256", "seeded-chunk64"],
+)
+def test_multi_turn_chat_is_identical_with_the_cache_and_reuses_the_history(sampling, chunk, engine_pair):
+    cached, plain = engine_pair(chunk=chunk)
+    messages: list[dict] = []
+    previous: list[int] | None = None
+    for turn in range(4):
+        messages.append({"role": "user", "content": question(TOPICS[0], turn)})
+        prompt = cached.prompt(messages)
+        expected = plain.run(prompt, max_tokens=40, **sampling)
+        reused_before = cached.cache.stats.reused_tokens
+        got = cached.run(prompt, max_tokens=40, **sampling)
+        assert got == expected, f"turn {turn + 1} differs with the prefix cache"
+        reused = cached.cache.stats.reused_tokens - reused_before
+        assert reused == (shared_chunks(previous, prompt, chunk) if previous else 0), f"turn {turn + 1}"
+        previous = prompt
+        messages.append({"role": "assistant", "content": expected[0].text})
+    assert cached.cache.stats.reused_tokens >= chunk  # the chat did reach a reusable chunk
+    # Every prompt token was either prefilled or taken from the cache; without it, all prefilled.
+    assert cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens == plain.scheduler.timings.prefilled_tokens
+    assert plain.cache.stats.reused_tokens == 0
+
+
+def test_more_prefixes_than_slots_evicts_the_least_recently_used(engine_pair):
+    cached, plain = engine_pair(slots=2, chunk=64)
+    first = {topic: [{"role": "user", "content": question(topic, 0)}] for topic in TOPICS[:3]}
+    follow = {topic: [*m, {"role": "assistant", "content": "Yes."}, {"role": "user", "content": question(topic, 1)}] for topic, m in first.items()}
+    a, b, c = TOPICS[:3]
+
+    def both(messages: list[dict]) -> int:
+        prompt = cached.prompt(messages)
+        reused_before = cached.cache.stats.reused_tokens
+        assert cached.run(prompt, temperature=0.0) == plain.run(prompt, temperature=0.0)
+        assert len(cached.cache.retained()) <= 2
+        return cached.cache.stats.reused_tokens - reused_before
+
+    assert both(first[a]) == 0
+    assert both(first[b]) == 0
+    assert cached.cache.stats.evictions == 0
+    assert both(first[c]) == 0  # two slots, three prefixes: a's, the least recently used, goes
+    assert cached.cache.stats.evictions == 1
+    assert both(follow[b]) >= 64  # b's prefix is still there
+    assert both(follow[a]) == 0  # a's is not; c's (now the oldest) is evicted for it
+    assert cached.cache.stats.evictions == 2
+    assert both(follow[c]) == 0
+    assert cached.cache.stats.hits == 1
+
+
+def test_n_choices_and_cancelled_requests_stay_identical(engine_pair):
+    cached, plain = engine_pair(slots=4, chunk=64)
+    seeded = {"temperature": 0.8, "seed": 99}
+    history = [{"role": "user", "content": question(TOPICS[1], 0)}]
+    prompt = cached.prompt(history)
+    assert cached.run(prompt, temperature=0.0) == plain.run(prompt, temperature=0.0)
+
+    # n = 3 on a longer prompt with the same start: choice 0 reuses the prefix, the others fork from it.
+    history += [{"role": "assistant", "content": "Of course."}, {"role": "user", "content": question(TOPICS[1], 1)}]
+    prompt = cached.prompt(history)
+    reused_before = cached.cache.stats.reused_tokens
+    expected = plain.run(prompt, n=3, **seeded)
+    assert len({c.text for c in expected}) > 1  # the choices really are different draws
+    assert cached.run(prompt, n=3, **seeded) == expected
+    assert cached.cache.stats.reused_tokens > reused_before
+    assert len(cached.cache.retained()) == 1  # the three choices ended with one prompt: kept once
+
+    # A request cancelled while generating keeps its prompt's chunks; the same prompt again reuses them.
+    history += [{"role": "assistant", "content": expected[0].text}, {"role": "user", "content": question(TOPICS[1], 2)}]
+    prompt = cached.prompt(history)
+    cached.run(prompt, max_tokens=200, cancel_after=5, temperature=0.0)
+    reused_before = cached.cache.stats.reused_tokens
+    assert cached.run(prompt, max_tokens=24, temperature=0.0) == plain.run(prompt, max_tokens=24, temperature=0.0)
+    assert cached.cache.stats.reused_tokens - reused_before == (len(prompt) - 1) // 64 * 64
+
+    # n = 2 cancelled right after its first token, then run in full: the same choices as without the cache.
+    cached.run(prompt, n=2, max_tokens=200, cancel_after=1, **seeded)
+    assert cached.run(prompt, n=2, **seeded) == plain.run(prompt, n=2, **seeded)
+
+
+def test_prefix_cache_flag_defaults_on():
+    parser = build_parser()
+    assert parser.parse_args(["grpc"]).prefix_cache is True
+    assert parser.parse_args(["grpc", "--no-prefix-cache"]).prefix_cache is False
+    assert parser.parse_args(["serve", "--prefix-cache"]).prefix_cache is True
