@@ -1,5 +1,6 @@
 //! The benchmark's cases on the captured Gemma logits, in Rust alone (no Python), for profiling:
-//! `cargo run --release --example full_step -- [full|greedy|greedy+top20|full+top20] [steps]`.
+//! `cargo run --release --example full_step -- [full|greedy|greedy+top20|full+top20] [steps] [alone]`
+//! (`alone`: without the helper thread).
 use _native::batch::BatchSampler;
 use _native::sampler::SamplerConfig;
 use std::time::Instant;
@@ -40,6 +41,7 @@ fn main() {
         config.logprobs = true;
     }
     let mut sampler = BatchSampler::new(vocab as i64).unwrap();
+    sampler.set_helper_thread(args.get(3).map(|s| s.as_str()) != Some("alone"));
     sampler.add(0, &config).unwrap();
     for i in 0..500 {
         sampler.record(0, ((i * 104_729) % vocab) as i64).unwrap();

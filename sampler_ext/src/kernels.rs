@@ -302,16 +302,18 @@ impl std::ops::Add for FastSum {
 impl FastSum {
     /// A bound on `|sum - exact sum|` over `n` logits, for the shift's `|offset|`.
     ///
-    /// Per weight, `t` carries four f32 roundings (`x - reference`, `scale * log2(e)`, the product
-    /// or fused add, `offset * log2(e)`) of at most `2^-24 (|t| + 2|offset|)` together with some to
-    /// spare, which move the weight by `ln 2` times as much relatively; `2^t` is within `2^-22`
-    /// relative (the polynomial within 2^-22.3, tests check 2^-22), and one f32 addition of two
-    /// weights adds `2^-24`. So a weight is within `w * 2^-21 * (1 + |t| + 2|offset|)` of the exact
-    /// one; `2^-19` gives a factor of four to spare. Weights below `2^-125` may come out as up to
-    /// `2^-124.5` or 0: the `n * 1e-37` term.
+    /// Per weight, `t` carries four f32 roundings (`x - reference`, `scale` and then
+    /// `scale * log2(e)`, the product or fused add) of at most `2^-24 |t|` each, and `offset *
+    /// log2(e)` one of `2^-24 |offset|`: `|dt| <= 2^-22 (|t| + |offset|)`, which moves the weight
+    /// by `ln 2` times as much relatively, `2^-22.5 (|t| + |offset|)`. `2^t` is within `2^-22`
+    /// relative (the polynomial evaluated in f32 within 2^-22.3; tests check 2^-22) and the f32
+    /// addition of two weights adds `2^-24`. So a weight is within
+    /// `w * 2^-21.5 * (1 + |t| + |offset|)` of the exact one; `REL = 2^-20` leaves a factor of 2.8
+    /// to spare (a tighter bound sends fewer draws to the exact fallback). Weights below `2^-125`
+    /// may come out as up to `2^-124.5` or 0: the `n * 1e-37` term.
     pub fn error_bound(&self, offset: f32, n: usize) -> f64 {
-        const REL: f64 = 1.0 / (1u64 << 19) as f64;
-        REL * (self.sum * (1.0 + 2.0 * f64::from(offset.abs())) + self.sum_wt) + n as f64 * 1e-37
+        const REL: f64 = 1.0 / (1u64 << 20) as f64;
+        REL * (self.sum * (1.0 + f64::from(offset.abs())) + self.sum_wt) + n as f64 * 1e-37
     }
 }
 
