@@ -56,6 +56,13 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         help="keep the KV cache of finished requests' prompts in their free slots, so that a request sharing a prefix "
         "(the next turn of a chat) prefills only the rest; output is the same either way (default: on)",
     )
+    group.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="leave llama.cpp's flash attention off: its CPU kernel takes another path once a decode step has 8 rows, "
+        "so with it a sequence's logits depend on how many requests share its steps (cost and status: "
+        "docs/benchmarks.md, 'Determinism under load')",
+    )
     group.add_argument("--max-n", type=int, default=8, help="the largest 'n' (choices per request) accepted (default: %(default)s)")
     group.add_argument("--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores)")
@@ -115,6 +122,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:  # noqa: ANN001
         threads=args.threads,
         max_choices=args.max_n,
         prefix_cache=args.prefix_cache,
+        deterministic=args.deterministic,
     )
     registry = ModelRegistry(specs, settings)
     config = GrpcServerConfig(

@@ -94,6 +94,7 @@ class EngineSettings:
     threads: int | None = None
     max_choices: int = 8
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
+    deterministic: bool = False  # flash attention off, so that 8-row decode steps take the kernels of smaller ones
 
 
 class ModelRegistry:
@@ -114,6 +115,7 @@ class ModelRegistry:
                 max_sequences=settings.max_sequences,
                 batch_size=settings.batch_size,
                 threads=settings.threads,
+                deterministic=settings.deterministic,
             )
             grammars = GrammarCompiler(model.vocab, model.vocab_size)
             scheduler = Scheduler(

@@ -66,6 +66,7 @@ class LoadedModel:
         max_sequences: int = 8,
         batch_size: int = 512,
         threads: int | None = None,
+        deterministic: bool = False,
     ) -> None:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
@@ -100,7 +101,14 @@ class LoadedModel:
         context_params.kv_unified = False
         context_params.no_perf = True
         # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it.
-        context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # llama.cpp's CPU flash-attention kernel takes another path once a decode step has 8 rows
+        # or more, which moves a sequence's logits by up to ~1 (measured with 1 and 2 threads);
+        # without it a sequence's logits are bit-identical whatever shares its step (measured
+        # 1 to 16 rows). `deterministic` leaves it off; its cost is still to be measured on a
+        # quiet machine before it can be the default (docs/benchmarks.md).
+        context_params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if deterministic else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        )
         self.context = llama_cpp.llama_init_from_model(self.model, context_params)
         if not self.context:
             raise ModelLoadError(f"llama.cpp could not create a context for {path}")
