@@ -110,7 +110,10 @@ class Scheduler:
         self._active: list[Sequence] = []
         self.prefix_cache = PrefixCache(model.memory, model.max_sequences, self._prefill_chunk, enabled=prefix_cache)
         self._batch = TokenBatch(model.batch_size)
-        self._sampler = sampler_ext.BatchSampler(model.vocab_size)
+        # Sampling runs right after llama_decode, while llama.cpp's own threads still hold both
+        # cores: a helper thread woken then cost more than it saved (benchmarks/engine_steps.py,
+        # docs/benchmarks.md), so the scheduler thread samples alone.
+        self._sampler = sampler_ext.BatchSampler(model.vocab_size, helper_thread=False)
         # One mask row per possible output row; an unconstrained row is all ones.
         self._masks = np.full((model.max_sequences, grammars.words), 0xFFFFFFFF, dtype=np.uint32)
         self._stopping = False
