@@ -410,19 +410,22 @@ fn fast_exp_sum<M: MulAdd>(x: &[f32], shift: FastShift) -> FastSum {
     total
 }
 
+/// `BITS[i] = 1 << i`: the bit of lane `i` in a word of a token bitmask, as a table so that the mask
+/// kernels' loops compile to vector operations.
+const BITS: [u32; 32] = {
+    let mut bits = [0; 32];
+    let mut i = 0;
+    while i < 32 {
+        bits[i] = 1 << i;
+        i += 1;
+    }
+    bits
+};
+
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indexing by `i` is what makes the loop vectorise
 fn apply_mask(x: &[f32], mask: &[u32], out: &mut [f32]) {
-    // One constant per lane, so that the loop is a vector AND, compare and blend.
-    const BITS: [u32; 32] = {
-        let mut bits = [0; 32];
-        let mut i = 0;
-        while i < 32 {
-            bits[i] = 1 << i;
-            i += 1;
-        }
-        bits
-    };
+    // One constant per lane (`BITS`), so that the loop is a vector AND, compare and blend.
     let full = x.len() / 32;
     for ((out, x), &word) in out.chunks_exact_mut(32).zip(x.chunks_exact(32)).zip(mask) {
         for i in 0..32 {
@@ -446,16 +449,8 @@ fn apply_mask(x: &[f32], mask: &[u32], out: &mut [f32]) {
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indexing by `i` is what makes the loop vectorise
 fn above_mask(x: &[f32], cut: f32, out: &mut [u32]) {
-    // The same shape as `apply_mask`: one constant per lane, a vector compare, AND and OR-reduce.
-    const BITS: [u32; 32] = {
-        let mut bits = [0; 32];
-        let mut i = 0;
-        while i < 32 {
-            bits[i] = 1 << i;
-            i += 1;
-        }
-        bits
-    };
+    // The same shape as `apply_mask`: one constant per lane (`BITS`), a vector compare, AND and
+    // OR-reduce.
     let chunks = x.chunks_exact(32);
     let tail = chunks.remainder();
     let full = x.len() / 32;
