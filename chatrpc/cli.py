@@ -58,10 +58,11 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     )
     group.add_argument(
         "--deterministic",
-        action="store_true",
-        help="leave llama.cpp's flash attention off: its CPU kernel takes another path once a decode step has 8 rows, "
-        "so with it a sequence's logits depend on how many requests share its steps (cost and status: "
-        "docs/benchmarks.md, 'Determinism under load')",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep llama.cpp on one matrix kernel for every batch size, so that a request's greedy or seeded "
+        "output does not depend on how many others share its decode steps; --no-deterministic lets it take "
+        "its tiled kernel from 8 rows on (cost: docs/benchmarks.md, 'Determinism under load') (default: on)",
     )
     group.add_argument("--max-n", type=int, default=8, help="the largest 'n' (choices per request) accepted (default: %(default)s)")
     group.add_argument("--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)")

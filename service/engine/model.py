@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 
 _backend_lock = threading.Lock()
 _backend_ready = False
+_kernels_pinned: bool | None = None  # the `deterministic` every model of this process was loaded with
+
+# llama.cpp's CPU backend multiplies by K-quant weights (the embedded model's attn_output and
+# ffn_down) with a tiled kernel once a batch has 8 rows or more, and with a dot-product kernel below
+# that. They round differently, so a sequence's logits would depend on how many others share its
+# decode step (measured: up to ~1.6 at 8 rows, nothing at 2-7; benchmarks/determinism.py). With this
+# variable at 0 every batch size takes the dot-product kernel. llama.cpp reads it once per process,
+# at its first matrix product, so the choice holds for the whole process.
+_TILED_MATMUL_ENV = "GGML_CPU_TILED_MM"
 
 # ggml_log_level (ggml.h): 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR; 5 CONT continues the previous line.
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
@@ -54,6 +63,19 @@ class ModelLoadError(Exception):
     """The file is missing or llama.cpp cannot load it."""
 
 
+def _pin_kernels(deterministic: bool) -> None:
+    global _kernels_pinned
+    with _backend_lock:
+        if _kernels_pinned is None:
+            os.environ[_TILED_MATMUL_ENV] = "0" if deterministic else "1"
+            _kernels_pinned = deterministic
+        elif _kernels_pinned != deterministic:
+            raise ModelLoadError(
+                f"this process already loaded a model with deterministic={_kernels_pinned}; llama.cpp picks its "
+                "matrix kernels once per process, so every model in it must use the same setting"
+            )
+
+
 class LoadedModel:
     """Weights, vocabulary and context of one served model."""
 
@@ -66,10 +88,11 @@ class LoadedModel:
         max_sequences: int = 8,
         batch_size: int = 512,
         threads: int | None = None,
-        deterministic: bool = False,
+        deterministic: bool = True,
     ) -> None:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
+        _pin_kernels(deterministic)
         _init_backend()
         self.model_id = model_id
         self.path = path
@@ -79,8 +102,8 @@ class LoadedModel:
         model_params = llama_cpp.llama_model_default_params()
         # llama.cpp repacks Q4_K weights for a matrix kernel that it uses only from 4 rows on, so a
         # sequence's logits would depend on how many others share its decode step. Without the
-        # extra buffer types every batch size takes the same path (measured: identical logits up to
-        # 5 rows; a few % slower), and output does not depend on load.
+        # extra buffer types every batch size takes the same path (with the tiled kernel pinned
+        # above: identical logits for 1 to 16 rows).
         model_params.use_extra_bufts = False
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
@@ -100,15 +123,10 @@ class LoadedModel:
         # Separate KV streams: sequences share no prefix yet, and each gets its whole window.
         context_params.kv_unified = False
         context_params.no_perf = True
-        # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it.
-        # llama.cpp's CPU flash-attention kernel takes another path once a decode step has 8 rows
-        # or more, which moves a sequence's logits by up to ~1 (measured with 1 and 2 threads);
-        # without it a sequence's logits are bit-identical whatever shares its step (measured
-        # 1 to 16 rows). `deterministic` leaves it off; its cost is still to be measured on a
-        # quiet machine before it can be the default (docs/benchmarks.md).
-        context_params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if deterministic else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        )
+        # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it. Its
+        # CPU kernel gives a sequence the same logits whatever shares its step (measured 1 to 16 rows
+        # with the tiled K-quant kernel off) and is faster than the unfused attention.
+        context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.context = llama_cpp.llama_init_from_model(self.model, context_params)
         if not self.context:
             raise ModelLoadError(f"llama.cpp could not create a context for {path}")
