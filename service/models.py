@@ -94,7 +94,7 @@ class EngineSettings:
     threads: int | None = None
     max_choices: int = 8
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
-    deterministic: bool = True  # one matrix kernel for every batch size: output does not depend on load
+    deterministic: bool = False  # kernels that do not switch with load: output does not depend on it
 
 
 class ModelRegistry:

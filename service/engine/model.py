@@ -88,7 +88,7 @@ class LoadedModel:
         max_sequences: int = 8,
         batch_size: int = 512,
         threads: int | None = None,
-        deterministic: bool = True,
+        deterministic: bool = False,
     ) -> None:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
@@ -123,10 +123,14 @@ class LoadedModel:
         # Separate KV streams: sequences share no prefix yet, and each gets its whole window.
         context_params.kv_unified = False
         context_params.no_perf = True
-        # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it. Its
-        # CPU kernel gives a sequence the same logits whatever shares its step (measured 1 to 16 rows
-        # with the tiled K-quant kernel off) and is faster than the unfused attention.
-        context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it. The
+        # CPU flash-attention kernel is faster, but a sequence decoding alone with more than 256
+        # tokens of context takes its split-KV path, and one sharing the step with others does not
+        # (measured: logits differ by ~1); the unfused attention gives identical logits whatever
+        # shares the step, so `deterministic` leaves flash attention off.
+        context_params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if deterministic else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        )
         self.context = llama_cpp.llama_init_from_model(self.model, context_params)
         if not self.context:
             raise ModelLoadError(f"llama.cpp could not create a context for {path}")
