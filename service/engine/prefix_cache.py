@@ -4,7 +4,7 @@ A slot whose sequence has finished keeps its KV cache: a later request that begi
 tokens (a chat resending its history) takes that slot and prefills only what follows. The cache is
 the free slots themselves, so it is bounded by `--parallel` and costs no memory beyond the KV cache
 llama.cpp has already allocated; a slot is evicted (cleared) least-recently-used when a request
-needs it for another prompt.
+needs it for another prompt, among the slots that keep the ids in use in the fewest runs.
 
 Exactness. Output with the cache must be bit-identical to output without it. llama.cpp's matrix
 kernels depend on the number of rows in a ubatch, so the KV of a position depends on the chunk that
@@ -52,6 +52,7 @@ class PrefixCache:
 
     def __init__(self, memory: llama_cpp.llama_memory_t, slots: int, chunk: int, *, enabled: bool = True) -> None:
         self._memory = memory
+        self._slots = slots
         self._chunk = chunk
         self.enabled = enabled
         # Free slots; a slot maps to what it retains, or None when its KV is empty.
@@ -107,11 +108,16 @@ class PrefixCache:
                 return best_slot, best_reused
             # Positions at the start were dropped (a sliding-window cache that is not full size):
             # the prefix is not all there, so it cannot be reused.
-        empty = [slot for slot, kept in self._free.items() if kept is None]
-        if empty:
-            return empty[0], 0
-        # Evict the least recently used prefix.
-        return min(self._free, key=lambda slot: self._free[slot].last_used), 0
+        # An empty slot before a retained one (no eviction), then the slot that adds the fewest runs
+        # to the ids in use (a decode step makes one llama.cpp ubatch, one pass over the weights,
+        # per run of consecutive ids), then the least recently used prefix.
+        return min(self._free, key=self._eviction_order), 0
+
+    def _eviction_order(self, slot: int) -> tuple[bool, int, int, int]:
+        kept = self._free[slot]
+        in_use = (0 <= neighbour < self._slots and neighbour not in self._free for neighbour in (slot - 1, slot + 1))
+        added_runs = 1 - sum(in_use)
+        return kept is not None, added_runs, kept.last_used if kept is not None else 0, slot
 
     def release(self, slot: int, prompt_done: TokenList[int] | None) -> None:
         """Give a slot back. `prompt_done`: the prompt tokens whose KV the slot holds, all computed

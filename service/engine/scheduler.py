@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from operator import attrgetter
 
 import llama_cpp
 import numpy as np
@@ -296,6 +297,11 @@ class Scheduler:
 
     def _decode(self, decoding: list[Sequence]) -> None:
         """One token for every decoding sequence, in one batch."""
+        # With a KV stream per sequence llama.cpp puts only consecutive, increasing sequence ids in
+        # one ubatch and runs every other run of ids as a ubatch of its own, a whole pass over the
+        # weights each: rows out of order (admission order) would split a step of 8 rows into up to
+        # 8 passes. The prefix cache hands out slots so that the active ids stay in few runs.
+        decoding.sort(key=attrgetter("seq_id"))
         batch = self._batch
         batch.clear()
         for sequence in decoding:
