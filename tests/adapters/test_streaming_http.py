@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from tests.adapters.at_once import at_once
 from tests.conftest import PARALLEL
 
 MODEL = "gemma-3-270m"
@@ -188,26 +189,7 @@ def test_disconnected_non_streaming_request_frees_its_sequence(server, headers, 
 
 def run_concurrently(http: httpx.Client, requests: list[dict]) -> list[str]:
     """The streamed text of each request, all started at the same moment from their own threads."""
-    results: dict[int, str | BaseException] = {}
-    barrier = threading.Barrier(len(requests))
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[index] = text_of(stream_chunks(http, requests[index]))
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            results[index] = error
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert len(results) == len(requests)
-    for result in results.values():
-        if isinstance(result, BaseException):
-            raise result
-    return [results[index] for index in range(len(requests))]
+    return at_once([lambda request=request: text_of(stream_chunks(http, request)) for request in requests], timeout=120)
 
 
 def test_concurrent_streams_match_solo_runs(http):
