@@ -1,21 +1,29 @@
 """Does a sequence's next-token distribution depend on how many others share its decode step, and
-what does llama.cpp's flash attention (which chatrpc's --deterministic leaves off) change in that and
-in speed?
+what does chatrpc's `--deterministic` cost?
 
-    .venv/bin/python benchmarks/determinism.py [--threads 2] [--context 300] [--repeats 15]
+    .venv/bin/python benchmarks/determinism.py [--threads 2] [--context 300] [--repeats 15] [--rounds 3]
 
-Part 1, with flash attention on and off: 16 sequences each get their own prompt (prefilled alone),
-then one decode step runs with k = 1..16 of them in the batch (sequence 0 always among them), the
-step is undone (`llama_memory_seq_rm`), and sequence 0's logits are compared with those of k = 1.
-Part 2: the median time of a decode step of k = 1, 4, 8, 16 rows at a context of `--context`
-tokens, and of a 256-token prompt chunk, flash attention on and off alternated in the same loop
-(two contexts on the same weights), so that load from other processes falls on both alike.
+`--deterministic` pins llama.cpp's tiled K-quant matmul off (GGML_CPU_TILED_MM=0: it takes batches of
+8 rows or more) and leaves flash attention off (its kernel takes a split-KV path for one sequence
+alone with more than 256 tokens of context). llama.cpp reads the kernel switch once per process, so
+each setting runs in a worker process of its own (`LoadedModel(deterministic=...)`), the two
+alternated over `--rounds`.
+
+Part 1, for each setting: 16 sequences each get their own prompt (prefilled alone), then one decode
+step runs with k = 1..16 of them in the batch, the step is undone (`llama_memory_seq_rm`), and every
+row's logits are compared with those of the same sequence decoded alone; the table shows the largest
+difference over the k rows, for short prompts (< 100 tokens) and long ones (300-450 tokens).
+Part 2: the median time of a decode step of k = 1, 4, 8, 16 rows at a context of `--context` tokens,
+and of a 256-token prompt chunk; the table shows medians over rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import llama_cpp
@@ -26,15 +34,7 @@ from service.engine.model import LoadedModel
 from service.models import embedded_model_path
 
 SLOTS = 16
-
-
-def context(model: LoadedModel, *, flash: bool, threads: int, per_sequence: int) -> llama_cpp.llama_context_p:
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = per_sequence * SLOTS, 512, 512, SLOTS
-    params.n_threads = params.n_threads_batch = threads
-    params.kv_unified, params.no_perf = False, True
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    return llama_cpp.llama_init_from_model(model.model, params)
+STEP_ROWS = (1, 4, 8, 16)
 
 
 def decode(ctx, batch: TokenBatch) -> float:  # noqa: ANN001 - a llama_context pointer
@@ -58,64 +58,84 @@ def prefill(ctx, batch: TokenBatch, prompts: list[list[int]], chunk: int = 256) 
     return times
 
 
-def step(ctx, batch: TokenBatch, prompts: list[list[int]], next_tokens: list[int], k: int, vocab: int):  # noqa: ANN001, ANN201
-    """One decode step of sequences 0..k-1, undone afterwards; (seconds, logits of sequence 0)."""
+def step(ctx, batch: TokenBatch, prompts: list[list[int]], next_tokens: list[int], rows: list[int], vocab: int):  # noqa: ANN001, ANN201
+    """One decode step of the given sequences, undone afterwards; (seconds, their logits)."""
     batch.clear()
-    for seq in range(k):
+    for seq in rows:
         batch.add(seq, [next_tokens[seq]], len(prompts[seq]), output_last=True)
     elapsed = decode(ctx, batch)
-    first = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, 0), shape=(vocab,)).copy()
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(rows), vocab)).copy()
     memory = llama_cpp.llama_get_memory(ctx)
-    for seq in range(k):
+    for seq in rows:
         llama_cpp.llama_memory_seq_rm(memory, seq, len(prompts[seq]), -1)
-    return elapsed, first
+    return elapsed, logits
+
+
+def worker(deterministic: bool, args: argparse.Namespace) -> dict:
+    per_sequence = max(1024, args.context + 64)
+    model = LoadedModel("determinism", embedded_model_path(), context_per_sequence=per_sequence, max_sequences=SLOTS,
+                        threads=args.threads, deterministic=deterministic)
+    ctx, memory, vocab = model.context, model.memory, model.vocab_size
+    batch = TokenBatch(512)
+    result: dict = {"deltas": {}, "times": {}}
+
+    for length, repeat in (("short", 1), ("long", 40)):
+        prompts = [model.tokenize(f"Story number {i}: once upon a time there was a" + " very" * (3 * i + repeat * 7), add_special=True,
+                                  parse_special=False) for i in range(SLOTS)]
+        firsts = [int(p[-1]) for p in prompts]  # any next token will do: the same one in every run
+        prefill(ctx, batch, prompts)
+        alone = np.stack([step(ctx, batch, prompts, firsts, [seq], vocab)[1][0] for seq in range(SLOTS)])
+        result["deltas"][length] = [
+            float(np.abs(step(ctx, batch, prompts, firsts, list(range(k)), vocab)[1] - alone[:k]).max()) for k in range(1, SLOTS + 1)
+        ]
+        llama_cpp.llama_memory_clear(memory, True)
+
+    long_prompts = [[(7 + i * 13 + j * 31) % 200_000 + 100 for j in range(args.context)] for i in range(SLOTS)]
+    result["times"]["chunk"] = statistics.median(prefill(ctx, batch, long_prompts))
+    times: dict[int, list[float]] = {k: [] for k in STEP_ROWS}
+    for _ in range(args.repeats):
+        for k in STEP_ROWS:
+            times[k].append(step(ctx, batch, long_prompts, [5] * SLOTS, list(range(k)), vocab)[0])
+    result["times"].update({str(k): statistics.median(v) for k, v in times.items()})
+    model.close()
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=300, help="prompt tokens per sequence in part 2")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="decode steps timed per row count and round")
+    parser.add_argument("--rounds", type=int, default=3, help="worker processes per setting, alternated")
+    parser.add_argument("--worker", choices=("deterministic", "fast"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker == "deterministic", args)))
+        return
 
-    model = LoadedModel("determinism", embedded_model_path(), context_per_sequence=64, max_sequences=1, threads=args.threads)
-    vocab = model.vocab_size
-    batch = TokenBatch(512)
-    per_sequence = max(1024, args.context + 64)
-    contexts = {flash: context(model, flash=flash, threads=args.threads, per_sequence=per_sequence) for flash in (True, False)}
+    runs: dict[str, list[dict]] = {"deterministic": [], "fast": []}
+    for _ in range(args.rounds):
+        for setting in runs:
+            command = [sys.executable, __file__, "--worker", setting, "--threads", str(args.threads),
+                       "--context", str(args.context), "--repeats", str(args.repeats)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[setting].append(json.loads(output.strip().splitlines()[-1]))
 
-    print("Part 1: max |logit difference| of sequence 0, k rows against 1 row\n")
-    prompts = [model.tokenize(f"Story number {i}: once upon a time there was a" + " very" * (3 * i), add_special=True, parse_special=False) for i in range(SLOTS)]
-    firsts = [int(p[-1]) for p in prompts]  # any next token will do: the same one in every run
-    print("| rows | flash attention on | off |")
-    print("|---:|---:|---:|")
-    deltas = {}
-    for flash, ctx in contexts.items():
-        prefill(ctx, batch, prompts)
-        base = step(ctx, batch, prompts, firsts, 1, vocab)[1]
-        deltas[flash] = [float(np.abs(step(ctx, batch, prompts, firsts, k, vocab)[1] - base).max()) for k in range(1, SLOTS + 1)]
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    print("Part 1: max |logit difference|, k rows in one decode step against each row decoded alone\n")
+    print("| rows | --deterministic, short prompts | long prompts | --no-deterministic, short | long |")
+    print("|---:|---:|---:|---:|---:|")
+    first = {setting: results[0]["deltas"] for setting, results in runs.items()}
     for k in range(1, SLOTS + 1):
-        print(f"| {k} | {deltas[True][k - 1]:.4g} | {deltas[False][k - 1]:.4g} |")
+        cells = [f"{first[setting][length][k - 1]:.3g}" for setting in ("deterministic", "fast") for length in ("short", "long")]
+        print(f"| {k} | " + " | ".join(cells) + " |")
 
-    print(f"\nPart 2: median ms, context {args.context} tokens per sequence, {args.threads} threads\n")
-    long_prompts = [[(7 + i * 13 + j * 31) % 200_000 + 100 for j in range(args.context)] for i in range(SLOTS)]
-    chunk_times = {flash: prefill(ctx, batch, long_prompts) for flash, ctx in contexts.items()}
-    times: dict[tuple[int, bool], list[float]] = {}
-    for _ in range(args.repeats):
-        for k in (1, 4, 8, 16):
-            for flash, ctx in contexts.items():
-                times.setdefault((k, flash), []).append(step(ctx, batch, long_prompts, [5] * SLOTS, k, vocab)[0])
-    print("| work | flash attention on | off | off / on |")
+    print(f"\nPart 2: median ms over {args.rounds} rounds, context {args.context} tokens, {args.threads} threads\n")
+    print("| work | --deterministic | --no-deterministic | ratio |")
     print("|---|---:|---:|---:|")
-    on, off = statistics.median(chunk_times[True]), statistics.median(chunk_times[False])
-    print(f"| prompt chunk of 256 tokens | {on * 1e3:.1f} | {off * 1e3:.1f} | {off / on:.3f} |")
-    for k in (1, 4, 8, 16):
-        on, off = statistics.median(times[k, True]), statistics.median(times[k, False])
-        print(f"| decode step, {k} rows | {on * 1e3:.1f} | {off * 1e3:.1f} | {off / on:.3f} |")
-    for ctx in contexts.values():
-        llama_cpp.llama_free(ctx)
-    model.close()
+    for key, label in [("chunk", "prompt chunk of 256 tokens")] + [(str(k), f"decode step, {k} rows") for k in STEP_ROWS]:
+        det = statistics.median(r["times"][key] for r in runs["deterministic"])
+        fast = statistics.median(r["times"][key] for r in runs["fast"])
+        print(f"| {label} | {det * 1e3:.1f} | {fast * 1e3:.1f} | {det / fast:.3f} |")
 
 
 if __name__ == "__main__":
