@@ -9,6 +9,7 @@ When the JSON is complete the matcher allows only the end-of-turn token, so gene
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import llama_cpp
@@ -30,7 +31,11 @@ class GrammarCompiler:
         ends = [t for t in (llama_cpp.llama_vocab_eot(vocab), llama_cpp.llama_vocab_eos(vocab)) if t >= 0]
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
-        self._tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=ends)
+        with warnings.catch_warnings():
+            # llguidance reads each token's attributes with llama-cpp-python's deprecated
+            # llama_token_get_attr: one DeprecationWarning per token (262,144 here), none ours.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=ends)
 
     def from_json_schema(self, schema: dict[str, Any], *, param: str) -> str:
         try:
