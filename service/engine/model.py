@@ -97,6 +97,7 @@ class LoadedModel:
         self.model_id = model_id
         self.path = path
         self.max_sequences = max_sequences
+        self.deterministic = deterministic
         self.batch_size = batch_size
 
         model_params = llama_cpp.llama_model_default_params()

@@ -6,17 +6,25 @@ the free slots themselves, so it is bounded by `--parallel` and costs no memory 
 llama.cpp has already allocated; a slot is evicted (cleared) least-recently-used when a request
 needs it for another prompt, among the slots that keep the ids in use in the fewest runs.
 
-Exactness. Output with the cache must be bit-identical to output without it. llama.cpp's matrix
-kernels depend on the number of rows in a ubatch, so the KV of a position depends on the chunk that
-computed it, not only on the tokens before it: a prompt prefilled in chunks [0, 256), [256, 512),
-[512, 700) gives other logits than one whose tail was decoded token by token, or chunked
-[512, 684), [684, 700). Without the cache a prompt is prefilled in chunks at fixed boundaries
-(multiples of `chunk` from position 0). So a slot offers only the whole chunks of its own *prompt*:
-their KV came from exactly the llama_decode calls a fresh prefill of the new prompt would make
-(same tokens, same boundaries, same KV before them). Never the generated tokens (decoded one row at
-a time) and never a prompt's last, partial chunk. The positions after the reused prefix are removed
-with llama_memory_seq_rm, which leaves the stream as a fresh prefill would (its cells are placed by
-position from the cleared head on; measured identical logits).
+Exactness. Output with the cache must be bit-identical to output without it. llama.cpp's kernels
+depend on the number of rows in a ubatch, so the KV of a position depends on the chunk that computed
+it, not only on the tokens before it: a prompt's tail decoded token by token, or prefilled in a chunk
+of 7 or 16 rows, gives other logits than the same tail inside a chunk of 256. Without the cache a
+prompt is prefilled in chunks at fixed boundaries (multiples of `chunk` from position 0), and so
+are the pieces after a reused prefix. Two rules, by what was measured:
+
+- any boundary (the default kernels, `chunk` >= 64): a position gets the same KV from every chunk of
+  64 rows or more, wherever the chunk starts (llama.cpp's flash attention takes its tiled path, one
+  query row independent of the others, from 64 rows; [0, 256) = [0, 64) + [64, 256) = [0, 100) +
+  [100, 256), bit for bit, where [0, 16) + [16, 256) is not). So a slot offers every prompt position
+  computed in chunks of >= 64 rows, and a request reuses a prefix only if each piece it still
+  prefills has >= 64 rows, or is exactly the cold prefill's short last chunk.
+- whole chunks (`--deterministic`, whose unfused attention was not measured this way, or a smaller
+  `chunk`): a slot offers only whole `chunk`-sized chunks of its prompt, at the cold boundaries.
+
+Never the generated tokens (decoded one row at a time). The positions after the reused prefix are
+removed with llama_memory_seq_rm, which leaves the stream as a fresh prefill would (its cells are
+placed by position from the cleared head on; measured identical logits).
 
 Only the scheduler thread calls this.
 """
@@ -29,6 +37,11 @@ from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
+
+
+# GGML_FA_TILE_Q in llama.cpp's CPU backend: flash attention's tiled path takes chunks of this many
+# rows or more (see "Exactness" above).
+_ANY_BOUNDARY_ROWS = 64
 
 
 @dataclass
@@ -50,8 +63,12 @@ class PrefixCacheStats:
 class PrefixCache:
     """Hands out free sequence slots, preferring one that already holds a prefix of the prompt."""
 
-    def __init__(self, memory: llama_cpp.llama_memory_t, slots: int, chunk: int, *, enabled: bool = True) -> None:
+    def __init__(
+        self, memory: llama_cpp.llama_memory_t, slots: int, chunk: int, *, enabled: bool = True, any_boundary: bool = False
+    ) -> None:
         self._memory = memory
+        # Rows from which a chunk's KV does not depend on where the chunk starts (None: whole chunks only).
+        self._min_rows = _ANY_BOUNDARY_ROWS if any_boundary and chunk >= _ANY_BOUNDARY_ROWS else None
         self._slots = slots
         self._chunk = chunk
         self.enabled = enabled
@@ -93,14 +110,12 @@ class PrefixCache:
         if prompt is not None:
             self.stats.lookups += 1
         best_slot, best_reused, best_used = -1, 0, -1
-        if prompt is not None and self.enabled and len(prompt) > self._chunk:
+        if prompt is not None and self.enabled and len(prompt) > 1:
             query = np.asarray(prompt, dtype=np.int32)
-            # At least the prompt's last token is prefilled again: its logits start generation.
-            limit = (len(query) - 1) // self._chunk * self._chunk
             for slot, kept in self._free.items():
                 if kept is None:
                     continue
-                reused = min(_common_prefix(kept.tokens, query), limit) // self._chunk * self._chunk
+                reused = self._usable(_common_prefix(kept.tokens, query), len(query))
                 if reused > best_reused or (reused == best_reused and reused and kept.last_used > best_used):
                     best_slot, best_reused, best_used = slot, reused, kept.last_used
         if best_reused:
@@ -119,10 +134,31 @@ class PrefixCache:
         added_runs = 1 - sum(in_use)
         return kept is not None, added_runs, kept.last_used if kept is not None else 0, slot
 
+    def reusable_chunk(self, rows: int) -> bool:
+        """Whether a prefill chunk of `rows` rows (ending at a cold boundary) leaves KV a later request may reuse."""
+        return rows >= self._min_rows if self._min_rows is not None else rows == self._chunk
+
+    def _usable(self, common: int, length: int) -> int:
+        """How much of a `common`-token prefix a prompt of `length` tokens can reuse exactly."""
+        chunk, min_rows = self._chunk, self._min_rows
+        last_start = (length - 1) // chunk * chunk  # the cold prefill's last chunk: [last_start, length)
+        if min_rows is None:
+            return min(common, last_start) // chunk * chunk
+        if length - last_start < min_rows:
+            reused = min(common, last_start)  # that short last chunk must be prefilled as it is
+            if reused == last_start:
+                return reused
+        else:
+            reused = min(common, length - min_rows)  # at least the last token is prefilled again
+        first_end = min((reused // chunk + 1) * chunk, length)
+        if first_end - reused < min_rows:
+            reused = first_end - min_rows  # the first piece prefilled gets its 64 rows
+        return max(reused, 0)
+
     def release(self, slot: int, prompt_done: TokenList[int] | None) -> None:
-        """Give a slot back. `prompt_done`: the prompt tokens whose KV the slot holds, all computed
-        by whole prefill chunks from position 0 (None when its KV may not be trusted: cleared)."""
-        reusable = 0 if prompt_done is None or not self.enabled else len(prompt_done) // self._chunk * self._chunk
+        """Give a slot back. `prompt_done`: the leading prompt tokens whose KV the slot holds, all
+        computed by chunks that `reusable_chunk` accepts (None when its KV may not be trusted: cleared)."""
+        reusable = 0 if prompt_done is None or not self.enabled else len(prompt_done)
         if reusable == 0:
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free[slot] = None

@@ -109,7 +109,9 @@ class Scheduler:
         self._condition = threading.Condition()
         self._waiting: collections.deque[list[Sequence]] = collections.deque()  # requests, as their sequences
         self._active: list[Sequence] = []
-        self.prefix_cache = PrefixCache(model.memory, model.max_sequences, self._prefill_chunk, enabled=prefix_cache)
+        self.prefix_cache = PrefixCache(
+            model.memory, model.max_sequences, self._prefill_chunk, enabled=prefix_cache, any_boundary=not model.deterministic
+        )
         self._batch = TokenBatch(model.batch_size)
         # Sampling runs right after llama_decode, while llama.cpp's own threads still hold both
         # cores: a helper thread woken then cost more than it saved (benchmarks/engine_steps.py,
@@ -214,7 +216,7 @@ class Scheduler:
             # Choice 0 prefills the prompt; the other choices get a copy of its KV, whatever they held.
             prompt = None if sequence.awaiting_fork else sequence.generation.prompt_tokens
             sequence.seq_id, reused = self.prefix_cache.acquire(prompt)
-            sequence.prefilled = sequence.n_past = reused
+            sequence.prefilled = sequence.n_past = sequence.reusable = reused
             self._active.append(sequence)
         try:
             for sequence in request:
@@ -241,7 +243,7 @@ class Scheduler:
         (true after a finish or a cancel, both taken between steps, when every llama_decode it
         was part of has completed; false after a failure, when nothing in its KV is trusted)."""
         self._active.remove(sequence)
-        done = sequence.generation.prompt_tokens[: sequence.prefilled] if keep_prompt else None
+        done = sequence.generation.prompt_tokens[: sequence.reusable] if keep_prompt else None
         self.prefix_cache.release(sequence.seq_id, done)
         self._sampler.remove(sequence.seq_id)
         sequence.finished = True
@@ -264,6 +266,7 @@ class Scheduler:
                 continue
             llama_cpp.llama_memory_seq_cp(self._model.memory, parent.seq_id, sibling.seq_id, -1, -1)
             sibling.prefilled = sibling.n_past = parent.prefilled
+            sibling.reusable = parent.reusable
             sibling.awaiting_fork = False
             forked.append(sibling)
         return forked
@@ -314,7 +317,9 @@ class Scheduler:
     def _prefill(self, sequence: Sequence) -> int:
         """The next prompt chunk of one sequence; returns how many tokens it took."""
         start = sequence.prefilled
-        count = min(self._prefill_chunk, sequence.prompt_length - start)
+        # Chunks end at multiples of the chunk size, as in a cold prefill, also after a reused
+        # prefix that ends elsewhere (the prefix cache makes that first piece long enough).
+        count = min((start // self._prefill_chunk + 1) * self._prefill_chunk, sequence.prompt_length) - start
         completes = start + count == sequence.prompt_length
         batch = self._batch
         batch.clear()
@@ -322,6 +327,8 @@ class Scheduler:
         self._run_batch()
         self.timings.prefilled_tokens += count
         sequence.prefilled = sequence.n_past = start + count
+        if sequence.reusable == start and self.prefix_cache.reusable_chunk(count):
+            sequence.reusable = start + count
         if completes:
             rows = [sequence, *self._fork(sequence)]
             logits = self._logits(1)

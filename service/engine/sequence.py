@@ -68,6 +68,7 @@ class Sequence:
         self.seq_id: int = -1
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.n_past = 0  # tokens of this sequence in the KV cache, prompt and generated
+        self.reusable = 0  # leading prompt tokens whose KV a later request may reuse (PrefixCache)
         self.last_token: int | None = None
         self.generated = 0
         self.cancelled = False
