@@ -46,7 +46,7 @@ _ANY_BOUNDARY_ROWS = 64
 
 @dataclass
 class _Retained:
-    tokens: np.ndarray  # the prompt tokens whose KV the slot holds, whole chunks only
+    tokens: np.ndarray  # the leading prompt tokens whose KV the slot can offer (see "Exactness")
     last_used: int
 
 
