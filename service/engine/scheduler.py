@@ -4,8 +4,9 @@ Each step decodes the next token of every decoding sequence in one batch (one `l
 samples them all in one call to the Rust `BatchSampler`; then it prefills prompt chunks of newcomers,
 each chunk in a decode call of its own. Requests join between steps (as soon as enough sequence
 slots are free) and leave between steps (when finished or cancelled). A slot given back keeps the
-KV of its prompt's whole chunks, so that a later request with the same prefix (the next turn of a
-chat) starts from there; prefix_cache.py says why that never changes the output. Prompts are
+KV of the prompt positions it may offer again (`Sequence.reusable`: those prefilled in chunks that
+`PrefixCache.reusable_chunk` accepts), so that a later request with the same prefix (the next turn
+of a chat) starts from there; prefix_cache.py says why that never changes the output. Prompts are
 prefilled in chunks of `prefill_chunk` tokens, at most one chunk per step while others decode, so
 that a newcomer does not stall the sequences already decoding. A request for n choices prefills its
 prompt once, as choice 0, then copies that KV cache to the other n - 1 sequences, which sample their
