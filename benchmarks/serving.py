@@ -67,6 +67,8 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "gemma-3-270m"
 END_TOKENS = (1, 106, 212)  # Gemma 3's <eos>, <end_of_turn> and the other end-of-generation token
 LEVELS = (1, 4, 8, 16)
+ISSUE_PEER = "llama-cpp-python, issue's flags"
+NO_CACHE = "chatrpc gRPC, no prefix cache"
 # One wave of requests per level (two at one stream): a round of --compare takes ~5 min on an idle
 # 2-core machine (the peer serves one request at a time), a default run of 2 rounds ~12 min.
 DEFAULT_REQUESTS = {1: 2, 4: 4, 8: 8, 16: 16}
@@ -505,11 +507,15 @@ class Server:
             self.process.wait()
 
 
-def chatrpc_command(grpc_port: int, rest_port: int, parallel: int) -> list[str]:
+def chatrpc_command(grpc_port: int, rest_port: int, parallel: int, *flags: str) -> list[str]:
     return [
         sys.executable, "-m", "chatrpc", "serve", "--grpc-port", str(grpc_port), "--port", str(rest_port),
-        "--parallel", str(parallel), "--log-level", "warning",
+        "--parallel", str(parallel), "--log-level", "warning", *flags,
     ]  # fmt: skip
+
+
+# llama-cpp-python's server through a launcher that keeps it alive on CPUs with AMX (its docstring).
+PEER_LAUNCHER = str(REPO / "benchmarks" / "llama_cpp_peer.py")
 
 
 def peer_command(port: int, model_path: str, threads: int) -> list[str]:
@@ -517,10 +523,19 @@ def peer_command(port: int, model_path: str, threads: int) -> list[str]:
     # as chatrpc has it, logits only for the last position (the default computes them for every
     # prompt token), and queued requests wait instead of interrupting the running one.
     return [
-        sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", MODEL_ID,
+        sys.executable, PEER_LAUNCHER, "--model", model_path, "--model_alias", MODEL_ID,
         "--chat_format", "gemma", "--n_ctx", "4096", "--n_threads", str(threads), "--n_threads_batch", str(threads),
         "--flash_attn", "True", "--logits_all", "False", "--interrupt_requests", "False", "--verbose", "False",
         "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+def issue_peer_command(port: int, model_path: str) -> list[str]:
+    # The peer exactly as issue 5 names it (`python -m llama_cpp.server --chat_format gemma`): its
+    # own defaults, one decode thread on this machine among them.
+    return [
+        sys.executable, PEER_LAUNCHER, "--model", model_path, "--model_alias", MODEL_ID, "--chat_format", "gemma",
+        "--verbose", "False", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
 
 
@@ -531,15 +546,19 @@ def requests_for(level: int, args: argparse.Namespace) -> int:
     return args.requests or DEFAULT_REQUESTS.get(level, 2 * level)
 
 
-async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace) -> dict:
-    """`repeats` rounds; in each, every target runs every level; then one chat per target."""
-    levels: dict = {name: {level: [] for level in args.levels} for name in clients}
-    chats: dict = {name: [] for name in clients}
+async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace, *, only_levels: dict | None = None,
+                  chat_with: list[str] | None = None) -> dict:
+    """`repeats` rounds; in each, every target runs every level (or those of `only_levels`, by
+    target); then one chat per target (or per target of `chat_with`)."""
+    only_levels = only_levels or {}
+    target_levels = {name: [lv for lv in args.levels if lv in only_levels.get(name, args.levels)] for name in clients}
+    levels: dict = {name: {level: [] for level in target_levels[name]} for name in clients}
+    chats: dict = {name: [] for name in clients if chat_with is None or name in chat_with}
     for client in clients.values():  # warm-up: connections, the first allocations
         await client.stream([{"role": "user", "content": PROMPTS[0]}], 8)
     for round_index in range(args.repeats):
         for name, client in clients.items():
-            for level in args.levels:
+            for level in target_levels[name]:
                 for attempt in range(args.retries + 1):
                     await load.wait_quiet(args.quiet_below, args.quiet_wait)
                     before = load.snapshot()
@@ -556,7 +575,8 @@ async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace) ->
                     f"{result.stream_rate:5.1f} per stream, TTFT p50 {result.ttft_p50 * 1e3:5.0f} ms, "
                     f"other load {result.foreign_load:4.0%}, errors {result.errors}"
                     + (f" {result.error_samples}" if result.errors else ""))
-    for name, client in clients.items():
+    for name in chats:
+        client = clients[name]
         for _ in range(args.chat_repeats if args.turns else 0):
             for attempt in range(args.retries + 1):
                 await load.wait_quiet(args.quiet_below, args.quiet_wait)
@@ -649,11 +669,18 @@ async def run_compare(args: argparse.Namespace) -> dict:
 
     log_dir = Path(tempfile.mkdtemp(prefix="chatrpc-serving-"))
     grpc_port, rest_port, peer_port = free_port(), free_port(), free_port()
+    cold_grpc_port, cold_rest_port, issue_peer_port = free_port(), free_port(), free_port()
+    model_path = str(embedded_model_path())
     servers = [
         Server("chatrpc", chatrpc_command(grpc_port, rest_port, args.parallel),
                f"http://127.0.0.1:{rest_port}/health", log_dir),
-        Server("llama-cpp-python", peer_command(peer_port, str(embedded_model_path()), os.cpu_count() or 1),
+        # For the chat only: turn by turn, what the prefix cache saves.
+        Server("chatrpc-no-prefix-cache", chatrpc_command(cold_grpc_port, cold_rest_port, args.parallel, "--no-prefix-cache"),
+               f"http://127.0.0.1:{cold_rest_port}/health", log_dir),
+        Server("llama-cpp-python", peer_command(peer_port, model_path, os.cpu_count() or 1),
                f"http://127.0.0.1:{peer_port}/v1/models", log_dir),
+        Server("llama-cpp-python-issue-flags", issue_peer_command(issue_peer_port, model_path),
+               f"http://127.0.0.1:{issue_peer_port}/v1/models", log_dir),
     ]  # fmt: skip
     clients: dict = {}
     try:
@@ -663,9 +690,13 @@ async def run_compare(args: argparse.Namespace) -> dict:
             "chatrpc REST": OpenAIClient(f"http://127.0.0.1:{rest_port}/v1"),
             "chatrpc gRPC": GrpcClient(f"127.0.0.1:{grpc_port}"),
             "llama-cpp-python": OpenAIClient(f"http://127.0.0.1:{peer_port}/v1"),
+            ISSUE_PEER: OpenAIClient(f"http://127.0.0.1:{issue_peer_port}/v1"),
+            NO_CACHE: GrpcClient(f"127.0.0.1:{cold_grpc_port}"),
         }
         load = ForeignLoad([os.getpid()] + [server.process.pid for server in servers], knows_servers=True)
-        results = await measure(clients, load, args)
+        # The peer with its own defaults interrupts a running request for a new one: one stream only.
+        results = await measure(clients, load, args, only_levels={ISSUE_PEER: [1], NO_CACHE: []},
+                                chat_with=["chatrpc REST", "chatrpc gRPC", NO_CACHE, "llama-cpp-python"])
         results["rest_overhead"] = await rest_overhead(
             f"http://127.0.0.1:{rest_port}/v1", clients["chatrpc gRPC"], clients["chatrpc REST"], args.overhead_pairs,
             load, args)
