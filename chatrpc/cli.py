@@ -64,10 +64,36 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "sequence alone past 256 tokens of context) stay off; costs ~8-12%% of decode and ~28%% of prefill speed "
         "(docs/benchmarks.md, 'Determinism under load')",
     )
+    group.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=3,
+        metavar="K",
+        help="while one sequence decodes alone, guess up to K next tokens by prompt lookup (the tokens that followed "
+        "the latest earlier occurrence of its last few tokens) and check them in the same step; sampling is unchanged, "
+        "each guess that holds is a token for free. 0 turns it off; --deterministic does too (default: %(default)s)",
+    )
+    group.add_argument(
+        "--speculative-ngram",
+        type=_ngram_range,
+        default=(2, 4),
+        metavar="MIN,MAX",
+        help="lengths of the history's ending that prompt lookup searches for, longest first (default: 2,4)",
+    )
     group.add_argument("--max-n", type=int, default=8, help="the largest 'n' (choices per request) accepted (default: %(default)s)")
     group.add_argument("--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores)")
     group.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
+
+
+def _ngram_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two integers), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, got {text!r}")
+    return low, high
 
 
 def _add_rest_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_flag: str) -> None:
@@ -124,6 +150,8 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:  # noqa: ANN001
         max_choices=args.max_n,
         prefix_cache=args.prefix_cache,
         deterministic=args.deterministic,
+        speculative_tokens=args.speculative_tokens,
+        speculative_ngram=args.speculative_ngram,
     )
     registry = ModelRegistry(specs, settings)
     config = GrpcServerConfig(

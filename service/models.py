@@ -95,6 +95,8 @@ class EngineSettings:
     max_choices: int = 8
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
     deterministic: bool = False  # kernels that do not switch with load: output does not depend on it
+    speculative_tokens: int = 3  # prompt-lookup guesses checked per step of a lone sequence (0: off)
+    speculative_ngram: tuple[int, int] = (2, 4)  # lengths of the history's ending that prompt lookup matches
 
 
 class ModelRegistry:
@@ -124,6 +126,8 @@ class ModelRegistry:
                 max_waiting=settings.max_waiting,
                 prefill_chunk=settings.prefill_chunk,
                 prefix_cache=settings.prefix_cache,
+                speculative_tokens=settings.speculative_tokens,
+                speculative_ngram=settings.speculative_ngram,
             )
             self._served[spec.model_id] = ServedModel(model, scheduler, spec.capabilities, grammars)
 

@@ -46,14 +46,15 @@ class TokenBatch:
     def room(self) -> int:
         return self.capacity - self.size
 
-    def add(self, seq_id: int, tokens, first_position: int, *, output_last: bool) -> None:  # noqa: ANN001 - list or array
-        """Append a run of one sequence's tokens at consecutive positions; the last one may output logits."""
+    def add(self, seq_id: int, tokens, first_position: int, *, output_last: bool, output_all: bool = False) -> None:  # noqa: ANN001 - list or array
+        """Append a run of one sequence's tokens at consecutive positions; the last one (or every
+        one) may output logits."""
         n = len(tokens)
         start, end = self.size, self.size + n
         self.tokens[start:end] = tokens
         self.positions[start:end] = np.arange(first_position, first_position + n, dtype=np.int32)
         self.seq_ids[start:end] = seq_id
-        self.outputs[start:end] = 0
+        self.outputs[start:end] = 1 if output_all else 0
         if output_last:
             self.outputs[end - 1] = 1
         self.size = end

@@ -110,6 +110,9 @@ class LoadedModel:
         if not self.model:
             raise ModelLoadError(f"llama.cpp could not load {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        # A recurrent (or hybrid) model's memory keeps a state per sequence, not per position: it
+        # cannot drop the last positions again.
+        self.is_recurrent = bool(llama_cpp.llama_model_is_recurrent(self.model) or llama_cpp.llama_model_is_hybrid(self.model))
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.context_train = llama_cpp.llama_model_n_ctx_train(self.model)
 

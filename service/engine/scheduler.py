@@ -10,8 +10,10 @@ of a chat) starts from there; prefix_cache.py says why that never changes the ou
 prefilled in chunks of `prefill_chunk` tokens, at most one chunk per step while others decode, so
 that a newcomer does not stall the sequences already decoding. A request for n choices prefills its
 prompt once, as choice 0, then copies that KV cache to the other n - 1 sequences, which sample their
-first token from the same logits. Decode runs on this thread, never on the asyncio loop; results go
-back to the loop with `call_soon_threadsafe`.
+first token from the same logits. While a single sequence decodes, a step may also check guesses of
+its next tokens (speculation.py), emitting several tokens at once. Decode runs on this thread, never
+on the asyncio loop; results go back to the loop with `call_soon_threadsafe`, one update per
+sequence per step.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from service.engine.batch import TokenBatch
 from service.engine.grammar import GrammarCompiler
 from service.engine.model import LoadedModel
 from service.engine.prefix_cache import PrefixCache
-from service.engine.sequence import Sequence, SequenceUpdate
+from service.engine.sequence import Sequence, SequenceUpdate, merged
+from service.engine.speculation import PromptLookup
 from service.errors import InvalidArgument, QueueFull
 from service.request import Generation
 
@@ -64,6 +67,9 @@ class StepTimings:
     mask_seconds: float = 0.0  # grammar bitmasks
     sampled_rows: int = 0
     prefilled_tokens: int = 0  # prompt tokens run through llama_decode (not those the prefix cache held)
+    speculative_steps: int = 0  # decode steps that checked guesses (speculation.py)
+    drafted_tokens: int = 0  # guesses checked
+    accepted_tokens: int = 0  # of them, those that held (tokens gained over plain steps)
 
 
 class RequestStream:
@@ -102,6 +108,8 @@ class Scheduler:
         max_waiting: int = 256,
         prefill_chunk: int = 256,
         prefix_cache: bool = True,
+        speculative_tokens: int = 3,
+        speculative_ngram: tuple[int, int] = (2, 4),
     ) -> None:
         self._model = model
         self._grammars = grammars
@@ -120,6 +128,11 @@ class Scheduler:
         self._sampler = sampler_ext.BatchSampler(model.vocab_size, helper_thread=False)
         # One mask row per possible output row; an unconstrained row is all ones.
         self._masks = np.full((model.max_sequences, grammars.words), 0xFFFFFFFF, dtype=np.uint32)
+        # Guesses change which kernels compute a row (speculation.py), and a memory that cannot drop
+        # a tail (recurrent models) cannot take rejected guesses back.
+        self._lookup = None
+        if speculative_tokens > 0 and not model.deterministic and not model.is_recurrent:
+            self._lookup = PromptLookup(speculative_tokens, *speculative_ngram)
         self._stopping = False
         self.timings = StepTimings()
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model.model_id}", daemon=True)
@@ -247,6 +260,8 @@ class Scheduler:
         done = sequence.generation.prompt_tokens[: sequence.reusable] if keep_prompt else None
         self.prefix_cache.release(sequence.seq_id, done)
         self._sampler.remove(sequence.seq_id)
+        if self._lookup is not None:
+            self._lookup.forget(sequence)
         sequence.finished = True
 
     def _fail(self, sequence: Sequence, message: str) -> None:
@@ -300,7 +315,17 @@ class Scheduler:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._model.context), shape=(rows, self._model.vocab_size))
 
     def _decode(self, decoding: list[Sequence]) -> None:
-        """One token for every decoding sequence, in one batch."""
+        """One token for every decoding sequence, in one batch (or a few for a lone sequence whose
+        guesses pay)."""
+        if len(decoding) == 1 and self._lookup is not None:
+            sequence = decoding[0]
+            room = min(
+                sequence.generation.max_new_tokens - sequence.generated, self._model.context_per_sequence - sequence.n_past
+            )
+            draft = self._lookup.draft(sequence, sequence.generation.prompt_tokens, sequence.output_tokens, room - 1)
+            if draft:
+                self._decode_speculative(sequence, draft)
+                return
         # With a KV stream per sequence llama.cpp puts only consecutive, increasing sequence ids in
         # one ubatch and runs every other run of ids as a ubatch of its own, a whole pass over the
         # weights each: rows out of order (admission order) would split a step of 8 rows into up to
@@ -314,6 +339,44 @@ class Scheduler:
         for sequence in decoding:
             sequence.n_past += 1
         self._sample(decoding, self._logits(len(decoding)))
+
+    def _decode_speculative(self, sequence: Sequence, draft: list[int]) -> None:
+        """The last token and the guesses in one step, every row with logits; then row by row: sample
+        as a plain step would, stop after the first token that differs from the next row's guess."""
+        batch = self._batch
+        batch.clear()
+        batch.add(sequence.seq_id, [sequence.last_token, *draft], sequence.n_past, output_last=True, output_all=True)
+        self._run_batch()
+        logits = self._logits(len(draft) + 1)
+        updates = []
+        for row in range(len(draft) + 1):
+            try:
+                drawn = self._draw([sequence], logits[row : row + 1])
+            except ValueError as error:
+                self._fail(sequence, f"sampling failed: {error}")
+                return
+            update = self._take(sequence, drawn, 0)
+            if update is None:
+                return  # failed (grammar)
+            updates.append(update)
+            if sequence.finished or row == len(draft) or int(drawn[0][0]) != draft[row]:
+                break
+        accepted = len(updates) - 1
+        sequence.n_past += len(updates)  # the last token and the guesses that held
+        self.timings.speculative_steps += 1
+        self.timings.drafted_tokens += len(draft)
+        self.timings.accepted_tokens += accepted
+        self._lookup.record(sequence, accepted)
+        if accepted < len(draft) and not sequence.finished:
+            # Positions after the last good guess hold rejected guesses: drop them.
+            if not llama_cpp.llama_memory_seq_rm(self._model.memory, sequence.seq_id, sequence.n_past, -1):
+                self._lookup = None
+                log.warning("this model's memory cannot drop rejected guesses; speculation is off")
+                self._fail(sequence, "internal error: rejected guesses could not be removed")
+                return
+        sequence.deliver(merged(updates))
+        if sequence.finished:
+            self._release(sequence, keep_prompt=True)
 
     def _prefill(self, sequence: Sequence) -> int:
         """The next prompt chunk of one sequence; returns how many tokens it took."""
@@ -369,20 +432,26 @@ class Scheduler:
         return drawn
 
     def _emit(self, rows: list[Sequence], drawn) -> None:  # noqa: ANN001
-        tokens, logprobs, top_ids, top_logprobs = drawn
         for row, sequence in enumerate(rows):
-            token = int(tokens[row])
-            try:
-                if sequence.grammar is not None:
-                    sequence.grammar.advance(token)
-            except RuntimeError as error:
-                self._fail(sequence, str(error))
+            update = self._take(sequence, drawn, row)
+            if update is None:
                 continue
-            top = []
-            count = sequence.generation.sampling.top_logprobs
-            if count:
-                top = list(zip(top_ids[row, :count].tolist(), top_logprobs[row, :count].tolist()))
-            update = sequence.accept(token, float(logprobs[row]), top)
             sequence.deliver(update)
             if sequence.finished:
                 self._release(sequence, keep_prompt=True)
+
+    def _take(self, sequence: Sequence, drawn, row: int) -> SequenceUpdate | None:  # noqa: ANN001
+        """The sequence accepts its sampled token; None when the grammar refused it (sequence failed)."""
+        tokens, logprobs, top_ids, top_logprobs = drawn
+        token = int(tokens[row])
+        try:
+            if sequence.grammar is not None:
+                sequence.grammar.advance(token)
+        except RuntimeError as error:
+            self._fail(sequence, str(error))
+            return None
+        top = []
+        count = sequence.generation.sampling.top_logprobs
+        if count:
+            top = list(zip(top_ids[row, :count].tolist(), top_logprobs[row, :count].tolist()))
+        return sequence.accept(token, float(logprobs[row]), top)

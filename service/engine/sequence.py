@@ -45,6 +45,21 @@ class SequenceUpdate:
     index: int = 0  # the choice this update belongs to
 
 
+def merged(updates: list[SequenceUpdate]) -> SequenceUpdate:
+    """Consecutive updates of one sequence as one (a speculative step emits several tokens)."""
+    if len(updates) == 1:
+        return updates[0]
+    logprobs = [entry for update in updates for entry in update.logprobs or ()]
+    last = updates[-1]
+    return SequenceUpdate(
+        text="".join(update.text for update in updates),
+        logprobs=logprobs if any(update.logprobs is not None for update in updates) else None,
+        finish_reason=last.finish_reason,
+        completion_tokens=last.completion_tokens,
+        index=last.index,
+    )
+
+
 class Sequence:
     """A request being generated: prefilled in chunks, then decoded one token per step."""
 
@@ -71,6 +86,7 @@ class Sequence:
         self.reusable = 0  # leading prompt tokens whose KV a later request may reuse (PrefixCache)
         self.last_token: int | None = None
         self.generated = 0
+        self.output_tokens: list[int] = []  # every token accepted, end token included
         self.cancelled = False
         self.finished = False
         self._token_bytes = token_bytes
@@ -103,6 +119,7 @@ class Sequence:
         """Take the token the sampler chose; return the text it makes ready and whether it ends the sequence."""
         self.generated += 1
         self.last_token = token
+        self.output_tokens.append(token)
         finish = None
         logprobs = None
         if self._is_end(token):

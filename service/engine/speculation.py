@@ -1,0 +1,108 @@
+"""Speculative decoding with prompt-lookup drafts, for a sequence that decodes alone.
+
+One row leaves most of a decode step idle: on the 2-core machine of docs/benchmarks.md a step of
+one row takes ~25 ms, and 2, 3 or 4 rows of the same sequence ~31, ~37 and ~44 ms. So while a single
+sequence decodes, the scheduler guesses its next tokens from its own history (prompt and output):
+the tokens that followed the latest earlier occurrence of its last `max_n` (down to `min_n`) tokens
+- prompt lookup decoding, vLLM's "ngram" method. The step decodes the last token and the guesses
+together, every row with logits, and the scheduler samples the rows in order exactly as it samples
+ordinary steps, one token per row, stopping after the first token that is not the guess the next
+row was computed from. Each emitted token is so drawn from the same distribution, with the same
+random draw, as without speculation; guesses that held are free tokens, and the KV of the others
+is removed.
+
+What it does not keep: a row's logits from a step of several rows are not bit-identical to those
+of a one-row step once llama.cpp's kernels switch (flash attention's split-KV path serves a lone
+sequence past 256 tokens of context; docs/benchmarks.md), so at a near-tie a speculative step can
+pick another token than a plain one would. `--deterministic` therefore turns speculation off.
+
+When guesses keep failing, a step of k + 1 rows costs more than the tokens it yields; each
+sequence keeps a moving average of the guesses accepted per speculative step and stops guessing
+while it is under the break-even, trying again every `PROBE_EVERY` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as TokenList
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Accepted guesses per speculative step under which guessing stops: 3 guesses make a step ~1.8x as
+# long as a plain one (measured above), so they must yield ~0.8 extra tokens to pay; 1 leaves a margin.
+BREAK_EVEN = 1.0
+# Weight of the latest step in the moving average.
+_EMA_WEIGHT = 0.3
+# Steps without guessing before a sequence under the break-even tries again.
+PROBE_EVERY = 8
+
+
+def lookup_draft(history: np.ndarray, max_tokens: int, min_n: int, max_n: int) -> np.ndarray:
+    """The tokens that followed the latest earlier occurrence of the history's last n tokens, for the
+    largest n in [min_n, max_n] that occurs; at most `max_tokens` of them, empty when none occurs."""
+    length = len(history)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = history[length - n :]
+        # Starts j of earlier occurrences: j + n <= length - 1, so at least one token follows.
+        starts = np.flatnonzero(history[: length - n] == suffix[0])
+        for offset in range(1, n):
+            starts = starts[history[starts + offset] == suffix[offset]]
+        if starts.size:
+            follow = int(starts[-1]) + n
+            return history[follow : min(follow + max_tokens, length)]
+    return history[:0]
+
+
+@dataclass
+class DraftState:
+    """One sequence's token history and how well its guesses have done."""
+
+    tokens: np.ndarray
+    length: int
+    accepted_average: float
+    waited: int = 0  # steps since the last try, while under the break-even
+
+    def extend(self, new_tokens: TokenList[int]) -> None:
+        end = self.length + len(new_tokens)
+        if end > len(self.tokens):
+            grown = np.empty(max(end, 2 * len(self.tokens)), dtype=np.int32)
+            grown[: self.length] = self.tokens[: self.length]
+            self.tokens = grown
+        self.tokens[self.length : end] = new_tokens
+        self.length = end
+
+
+@dataclass
+class PromptLookup:
+    """Proposes guesses for lone sequences and learns from how many were accepted."""
+
+    max_draft: int
+    min_n: int = 2
+    max_n: int = 4
+    _states: dict[object, DraftState] = field(default_factory=dict)  # by sequence
+
+    def draft(self, key: object, prompt: TokenList[int], output: TokenList[int], limit: int) -> list[int]:
+        """Guesses for the tokens after `prompt` + `output` (at most `limit`), or none when guessing
+        does not pay for this sequence now. `key` names the sequence until `forget`."""
+        limit = min(limit, self.max_draft)
+        if limit <= 0:
+            return []
+        state = self._states.get(key)
+        if state is None:
+            tokens = np.empty(len(prompt) + len(output) + 64, dtype=np.int32)
+            state = self._states[key] = DraftState(tokens, 0, accepted_average=float(self.max_draft))
+            state.extend(prompt)
+        state.extend(output[state.length - len(prompt) :])
+        if state.accepted_average < BREAK_EVEN:
+            state.waited += 1
+            if state.waited < PROBE_EVERY:
+                return []
+            state.waited = 0
+        return lookup_draft(state.tokens[: state.length], limit, self.min_n, self.max_n).tolist()
+
+    def record(self, key: object, accepted: int) -> None:
+        state = self._states[key]
+        state.accepted_average += _EMA_WEIGHT * (accepted - state.accepted_average)
+
+    def forget(self, key: object) -> None:
+        self._states.pop(key, None)
