@@ -14,6 +14,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from llama_cpp_amx import avoid_amx_extra_buffers
 
 from service.models import embedded_model_path
 
@@ -25,6 +26,7 @@ PROMPT = (
 
 
 def capture(steps: int) -> np.ndarray:
+    avoid_amx_extra_buffers()
     llm = llama_cpp.Llama(str(embedded_model_path()), n_ctx=1024, logits_all=False, verbose=False)
     tokens = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
     llm.eval(tokens)

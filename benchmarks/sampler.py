@@ -46,6 +46,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests" / "sampler_ext"))
 from reference import ReferenceSampler  # noqa: E402
 
+from llama_cpp_amx import avoid_amx_extra_buffers  # noqa: E402 - benchmarks/, the script's own folder
+
 REAL_LOGITS = HERE / "data" / "gemma3_logits.npy"
 VOCAB_SIZES = [32_000, 128_256, 262_144]
 N_BIAS, N_HISTORY = 300, 500
@@ -196,6 +198,7 @@ def random_mask(vocab_size: int, rows: int, allowed: float, seed: int) -> np.nda
 def decode_step_seconds(repeats: int = 20) -> float:
     from service.models import embedded_model_path
 
+    avoid_amx_extra_buffers()
     llm = llama_cpp.Llama(str(embedded_model_path()), n_ctx=1024, logits_all=False, verbose=False)
     tokens = llm.tokenize(b"Write a short story about a lighthouse keeper.", add_bos=True)
     llm.eval(tokens)

@@ -28,9 +28,12 @@ else as content chunks. Also measured:
                      with aiohttp (a C HTTP parser, like grpc's client) and also with httpx
 
 --compare runs chatrpc (`chatrpc serve --parallel 8`) and the peer, llama-cpp-python's own server
-(`python -m llama_cpp.server`, the `llama-cpp-python[server]` extra), on free loopback ports and the
-same model, measures chatrpc via REST, chatrpc via gRPC and the peer, and prints markdown tables of
-the medians over `--repeats` (2) rounds; in each round every target runs in turn, so that drifting
+(`python -m llama_cpp.server`, the `llama-cpp-python[server]` extra, through llama_cpp_peer.py), on
+free loopback ports and the same model, measures chatrpc via REST, chatrpc via gRPC and the peer at
+every level, and at one stream only: chatrpc without speculation (`--speculative-tokens 0`), the
+peer with its own prompt-lookup speculation, and the peer with issue 5's flags (its defaults); the
+chat also runs on a chatrpc with `--no-prefix-cache`. It prints markdown tables of the medians over
+`--repeats` (2) rounds and the ratios issue 5 asks about; in each round every target runs in turn, so that drifting
 load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
 up to `--quiet-wait` seconds, for other processes to leave the CPUs idle, and measures a level again
 (up to `--retries` times) when other processes took more than `--quiet-below` of the CPUs during it:
@@ -67,7 +70,11 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "gemma-3-270m"
 END_TOKENS = (1, 106, 212)  # Gemma 3's <eos>, <end_of_turn> and the other end-of-generation token
 LEVELS = (1, 4, 8, 16)
+# The side targets of --compare, each measured only where it shows something (see run_compare).
 ISSUE_PEER = "llama-cpp-python, issue's flags"
+LOOKUP_PEER = "llama-cpp-python + prompt lookup"
+NO_SPEC_REST = "chatrpc REST, no speculation"
+NO_SPEC_GRPC = "chatrpc gRPC, no speculation"
 NO_CACHE = "chatrpc gRPC, no prefix cache"
 # One wave of requests per level (two at one stream): a round of --compare takes ~5 min on an idle
 # 2-core machine (the peer serves one request at a time), a default run of 2 rounds ~12 min.
@@ -530,6 +537,12 @@ def peer_command(port: int, model_path: str, threads: int) -> list[str]:
     ]  # fmt: skip
 
 
+def lookup_peer_command(port: int, model_path: str, threads: int) -> list[str]:
+    # Its own speculative decoding, prompt lookup as chatrpc's (with its default of 10 guesses; it
+    # computes logits for every prompt token then).
+    return peer_command(port, model_path, threads) + ["--draft_model", "prompt-lookup-decoding"]
+
+
 def issue_peer_command(port: int, model_path: str) -> list[str]:
     # The peer exactly as issue 5 names it (`python -m llama_cpp.server --chat_format gemma`): its
     # own defaults, one decode thread on this machine among them.
@@ -640,6 +653,24 @@ def chat_table(chats: dict) -> list[str]:
     return lines
 
 
+def ratio_lines(results: dict) -> list[str]:
+    """One stream's aggregate tok/s of each chatrpc target over each peer's; turn 6 with and without the cache."""
+    one = {name: median_of(by_level[1], "aggregate_rate") for name, by_level in results["levels"].items() if by_level.get(1)}
+    ours = [name for name in one if name.startswith("chatrpc")]
+    peers = [name for name in one if not name.startswith("chatrpc")]
+    lines = ["One stream, aggregate tok/s over the peer's (medians):", ""]
+    lines += [f"- {mine} / {peer}: {one[mine] / one[peer]:.2f}x" for mine in ours for peer in peers]
+    chats = results["chats"]
+    last = {name: [run[-1]["ttft"] for run in runs if run and run[-1]["ok"]] for name, runs in chats.items()}
+    if last.get(NO_CACHE):
+        off = statistics.median(last[NO_CACHE])
+        for name in ("chatrpc REST", "chatrpc gRPC"):
+            if last.get(name):
+                on = statistics.median(last[name])
+                lines.append(f"- last turn's TTFT, {name} / {NO_CACHE}: {on * 1e3:.0f} / {off * 1e3:.0f} ms = {on / off:.2f}x")
+    return lines
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -668,17 +699,25 @@ async def run_compare(args: argparse.Namespace) -> dict:
     from service.models import embedded_model_path
 
     log_dir = Path(tempfile.mkdtemp(prefix="chatrpc-serving-"))
-    grpc_port, rest_port, peer_port = free_port(), free_port(), free_port()
-    cold_grpc_port, cold_rest_port, issue_peer_port = free_port(), free_port(), free_port()
-    model_path = str(embedded_model_path())
+    ports = {name: (free_port(), free_port()) for name in ("chatrpc", "no-spec", "no-cache")}
+    peer_port, lookup_peer_port, issue_peer_port = free_port(), free_port(), free_port()
+    model_path, threads = str(embedded_model_path()), os.cpu_count() or 1
+
+    def chatrpc(name: str, *flags: str) -> Server:
+        grpc_port, rest_port = ports[name]
+        return Server(name, chatrpc_command(grpc_port, rest_port, args.parallel, *flags),
+                      f"http://127.0.0.1:{rest_port}/health", log_dir)
+
     servers = [
-        Server("chatrpc", chatrpc_command(grpc_port, rest_port, args.parallel),
-               f"http://127.0.0.1:{rest_port}/health", log_dir),
-        # For the chat only: turn by turn, what the prefix cache saves.
-        Server("chatrpc-no-prefix-cache", chatrpc_command(cold_grpc_port, cold_rest_port, args.parallel, "--no-prefix-cache"),
-               f"http://127.0.0.1:{cold_rest_port}/health", log_dir),
-        Server("llama-cpp-python", peer_command(peer_port, model_path, os.cpu_count() or 1),
+        chatrpc("chatrpc"),
+        # One stream only: what prompt-lookup speculation (on by default, for a lone sequence) adds.
+        chatrpc("no-spec", "--speculative-tokens", "0"),
+        # The chat only: turn by turn, what the prefix cache saves.
+        chatrpc("no-cache", "--no-prefix-cache"),
+        Server("llama-cpp-python", peer_command(peer_port, model_path, threads),
                f"http://127.0.0.1:{peer_port}/v1/models", log_dir),
+        Server("llama-cpp-python-lookup", lookup_peer_command(lookup_peer_port, model_path, threads),
+               f"http://127.0.0.1:{lookup_peer_port}/v1/models", log_dir),
         Server("llama-cpp-python-issue-flags", issue_peer_command(issue_peer_port, model_path),
                f"http://127.0.0.1:{issue_peer_port}/v1/models", log_dir),
     ]  # fmt: skip
@@ -686,16 +725,22 @@ async def run_compare(args: argparse.Namespace) -> dict:
     try:
         for server in servers:
             server.wait_ready()
+        grpc_port, rest_port = ports["chatrpc"]
         clients = {
             "chatrpc REST": OpenAIClient(f"http://127.0.0.1:{rest_port}/v1"),
             "chatrpc gRPC": GrpcClient(f"127.0.0.1:{grpc_port}"),
+            NO_SPEC_REST: OpenAIClient(f"http://127.0.0.1:{ports['no-spec'][1]}/v1"),
+            NO_SPEC_GRPC: GrpcClient(f"127.0.0.1:{ports['no-spec'][0]}"),
             "llama-cpp-python": OpenAIClient(f"http://127.0.0.1:{peer_port}/v1"),
+            LOOKUP_PEER: OpenAIClient(f"http://127.0.0.1:{lookup_peer_port}/v1"),
             ISSUE_PEER: OpenAIClient(f"http://127.0.0.1:{issue_peer_port}/v1"),
-            NO_CACHE: GrpcClient(f"127.0.0.1:{cold_grpc_port}"),
+            NO_CACHE: GrpcClient(f"127.0.0.1:{ports['no-cache'][0]}"),
         }
         load = ForeignLoad([os.getpid()] + [server.process.pid for server in servers], knows_servers=True)
-        # The peer with its own defaults interrupts a running request for a new one: one stream only.
-        results = await measure(clients, load, args, only_levels={ISSUE_PEER: [1], NO_CACHE: []},
+        # Speculation serves a lone sequence only, and the peer with its own defaults interrupts a
+        # running request for a new one: their side targets run one stream.
+        one_stream = {name: [1] for name in (NO_SPEC_REST, NO_SPEC_GRPC, LOOKUP_PEER, ISSUE_PEER)}
+        results = await measure(clients, load, args, only_levels={**one_stream, NO_CACHE: []},
                                 chat_with=["chatrpc REST", "chatrpc gRPC", NO_CACHE, "llama-cpp-python"])
         results["rest_overhead"] = await rest_overhead(
             f"http://127.0.0.1:{rest_port}/v1", clients["chatrpc gRPC"], clients["chatrpc REST"], args.overhead_pairs,
@@ -772,6 +817,8 @@ def main() -> None:
     if any(results["chats"].values()):
         print(f"\nMulti-turn chat, {args.turns} turns, the whole history resent each turn (median TTFT):\n")
         print("\n".join(chat_table(results["chats"])))
+    if results["levels"]:
+        print("\n" + "\n".join(ratio_lines(results)))
     if "rest_overhead" in results:
         o = results["rest_overhead"]
         print(f"\nREST overhead, one-token streaming requests, {o['pairs']} rounds interleaved: "
