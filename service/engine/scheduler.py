@@ -366,7 +366,7 @@ class Scheduler:
         self.timings.speculative_steps += 1
         self.timings.drafted_tokens += len(draft)
         self.timings.accepted_tokens += accepted
-        self._lookup.record(sequence, accepted)
+        self._lookup.record(sequence, len(draft), accepted)
         if accepted < len(draft) and not sequence.finished:
             # Positions after the last good guess hold rejected guesses: drop them.
             if not llama_cpp.llama_memory_seq_rm(self._model.memory, sequence.seq_id, sequence.n_past, -1):

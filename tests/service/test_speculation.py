@@ -55,17 +55,23 @@ def test_no_draft_without_a_match_of_min_n():
     assert draft([7]) == []
 
 
-def test_guessing_stops_under_the_break_even_and_probes_again():
+def test_guessing_stops_under_the_break_even_and_probes_with_one_guess():
     lookup = PromptLookup(max_draft=3)
     history = [1, 2, 3, 1, 2]
     key = object()
     assert lookup.draft(key, history, [], 3) == [3, 1, 2]
-    while lookup._states[key].accepted_average >= BREAK_EVEN:
-        lookup.record(key, 0)
+    failed = 0
+    while lookup._states[key].held >= BREAK_EVEN:
+        lookup.record(key, 3, 0)
+        failed += 1
+    assert failed == 2  # 1.0 -> 0.7 -> 0.49
     skipped = 0
-    while not lookup.draft(key, history, [], 3):
+    while not (probe := lookup.draft(key, history, [], 3)):
         skipped += 1
-    assert skipped == PROBE_EVERY - 1
+    assert skipped == PROBE_EVERY - 1 and probe == [3]
+    for _ in range(2):  # probes that hold bring full drafts back
+        lookup.record(key, 1, 1)
+    assert lookup.draft(key, history, [], 3) == [3, 1, 2]
     lookup.forget(key)
     assert key not in lookup._states
 
