@@ -85,18 +85,27 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
     async def StreamChatCompletion(self, request, context):  # noqa: ANN001, N802
         checked, generation, stream, header, outputs = self._start(request, streaming=True)
         want_logprobs = checked.sampling.logprobs
+        # Each choice's role chunk goes out with its first update, not before the prompt is
+        # prefilled: a failure before any token is then a plain error status (an HTTP error through
+        # REST, not an error event after a 200), and nothing reaches the client while the model's
+        # threads hold every core for the prefill.
+        started = [False] * len(outputs)
         try:
-            for output in outputs:
-                yield responses.chunk(header, output.index, role=True, text="")
             async for update in stream.updates():
                 if update.error is not None:
                     raise _failure(update.error)
+                if not started[update.index]:
+                    started[update.index] = True
+                    yield responses.chunk(header, update.index, role=True, text="")
                 piece = outputs[update.index].add(update)
                 logprobs = piece.logprobs if want_logprobs else None
-                if piece.text or piece.tool_calls or logprobs:
-                    yield responses.chunk(header, update.index, text=piece.text or None, tool_calls=piece.tool_calls, logprobs=logprobs)
-                if piece.finish_reason is not None:
-                    yield responses.chunk(header, update.index, finish_reason=piece.finish_reason)
+                # The last piece carries its finish_reason in the same chunk (as vLLM sends it): one
+                # message fewer per choice.
+                if piece.text or piece.tool_calls or logprobs or piece.finish_reason is not None:
+                    yield responses.chunk(
+                        header, update.index, text=piece.text or None, tool_calls=piece.tool_calls, logprobs=logprobs,
+                        finish_reason=piece.finish_reason,
+                    )  # fmt: skip
             if checked.include_usage:
                 completion_tokens = sum(o.completion_tokens for o in outputs)
                 yield responses.usage_chunk(header, len(generation.prompt_tokens), completion_tokens)
