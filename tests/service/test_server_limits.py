@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -38,7 +39,9 @@ def test_full_queue_is_resource_exhausted_and_server_recovers(tmp_path):
             next(running)  # admitted: it holds the only sequence slot
             next(running)
             waiting = stub.StreamChatCompletion(long_request, metadata=metadata, timeout=120)
-            next(waiting)  # role chunk: accepted into the queue
+            # Its first chunk comes only once it is admitted and prefilled, after `running`: give the
+            # server time to receive the call, which its handler queues before awaiting anything.
+            time.sleep(1.0)
             with pytest.raises(grpc.RpcError) as error:
                 stub.CreateChatCompletion(long_request, metadata=metadata, timeout=30)
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
