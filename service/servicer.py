@@ -85,26 +85,24 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
     async def StreamChatCompletion(self, request, context):  # noqa: ANN001, N802
         checked, generation, stream, header, outputs = self._start(request, streaming=True)
         want_logprobs = checked.sampling.logprobs
-        # Each choice's role chunk goes out with its first update, not before the prompt is
-        # prefilled: a failure before any token is then a plain error status (an HTTP error through
-        # REST, not an error event after a 200), and nothing reaches the client while the model's
-        # threads hold every core for the prefill.
+        # A choice's role rides on its first chunk, which goes out with its first text, once the
+        # prompt is prefilled: a failure before any token is then a plain error status (an HTTP
+        # error through REST, not an error event after a 200), and nothing reaches the client while
+        # the model's threads hold every core for the prefill. Its finish_reason rides on its last
+        # chunk. Each message saved is a wake-up of the client (and the REST adapter) fewer.
         started = [False] * len(outputs)
         try:
             async for update in stream.updates():
                 if update.error is not None:
                     raise _failure(update.error)
-                if not started[update.index]:
-                    started[update.index] = True
-                    yield responses.chunk(header, update.index, role=True, text="")
                 piece = outputs[update.index].add(update)
                 logprobs = piece.logprobs if want_logprobs else None
-                # The last piece carries its finish_reason in the same chunk (as vLLM sends it): one
-                # message fewer per choice.
                 if piece.text or piece.tool_calls or logprobs or piece.finish_reason is not None:
+                    first = not started[update.index]
+                    started[update.index] = True
                     yield responses.chunk(
-                        header, update.index, text=piece.text or None, tool_calls=piece.tool_calls, logprobs=logprobs,
-                        finish_reason=piece.finish_reason,
+                        header, update.index, role=first, text=piece.text or ("" if first else None),
+                        tool_calls=piece.tool_calls, logprobs=logprobs, finish_reason=piece.finish_reason,
                     )  # fmt: skip
             if checked.include_usage:
                 completion_tokens = sum(o.completion_tokens for o in outputs)
