@@ -33,8 +33,8 @@ free loopback ports and the same model, measures chatrpc via REST, chatrpc via g
 every level, and at one stream only: chatrpc without speculation (`--speculative-tokens 0`), the
 peer with its own prompt-lookup speculation, and the peer with issue 5's flags (its defaults); the
 chat also runs on a chatrpc with `--no-prefix-cache`. It prints markdown tables of the medians over
-`--repeats` (2) rounds and the ratios issue 5 asks about; in each round every target runs in turn, so that drifting
-load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
+`--repeats` (2) rounds and the ratios issue 5 asks about; in each round every target runs in turn,
+so that drifting load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
 up to `--quiet-wait` seconds, for other processes to leave the CPUs idle, and measures a level again
 (up to `--retries` times) when other processes took more than `--quiet-below` of the CPUs during it:
 llama.cpp's threads wait for each other at every step, so one busy core slows decode many times over.
