@@ -1,10 +1,11 @@
 """The gRPC service behind the adapter: one shared channel, per-call metadata, and cancellation.
 
 Every HTTP request that reaches the service makes one gRPC call on the channel opened at startup.
-The call carries the client's ``Authorization`` header unchanged (the service checks keys) and a
-request id, and is cancelled as soon as the HTTP client disconnects: a watcher task waits for the
-ASGI ``http.disconnect`` message, which the server sends only once the client is gone (the body has
-already been read), and cancels the call.
+The call carries the client's ``Authorization`` header unchanged (the service checks keys) and
+nothing else: the request id belongs to the HTTP answer (the service reads none, and a metadata
+entry is work for both gRPC stacks on every request). The call is cancelled as soon as the HTTP
+client disconnects: a watcher task waits for the ASGI ``http.disconnect`` message, which the server
+sends only once the client is gone (the body has already been read), and cancels the call.
 """
 
 from __future__ import annotations
@@ -69,18 +70,18 @@ def request_id(request: Request) -> str:
     return value
 
 
-def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata for a call made on behalf of ``request``: its request id and credentials."""
+def call_metadata(request: Request) -> tuple[tuple[str, str], ...] | None:
+    """gRPC metadata for a call made on behalf of ``request``: its credentials, if any."""
     authorization = request.headers.get("authorization")
     if authorization is None:
-        return ((REQUEST_ID_HEADER, request_id(request)),)
+        return None
     if not _valid_metadata_value(authorization):
         raise APIError(
             401,
             "The Authorization header holds characters that an API key cannot contain.",
             code="invalid_api_key",
         )
-    return ((REQUEST_ID_HEADER, request_id(request)), ("authorization", authorization))
+    return (("authorization", authorization),)
 
 
 class DisconnectWatch:
