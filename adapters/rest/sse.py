@@ -67,7 +67,8 @@ async def stream_chat_completion(
         call.cancel()
         raise
     include_usage = message.stream_options.include_usage
-    return EventStreamResponse(call, watch, first, include_usage, request_id(request))
+    choices = message.n if message.HasField("n") else 1
+    return EventStreamResponse(call, watch, first, include_usage, choices, request_id(request))
 
 
 class EventStreamResponse:
@@ -79,21 +80,32 @@ class EventStreamResponse:
         watch: DisconnectWatch,
         first: chat_pb2.ChatCompletionChunk | object,
         include_usage: bool,
+        choices: int,
         request_id: str,
     ) -> None:
         self._call = call
         self._watch = watch
         self._first = first
         self._include_usage = include_usage
+        self._choices = choices
         self._headers = [*_HEADERS, (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1"))]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call, include_usage = self._call, self._include_usage
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-            chunk = self._first
+            chunk, unfinished = self._first, self._choices
             while chunk is not grpc.aio.EOF:
                 data = _event(encode(chunk_to_json(chunk, include_usage)))
+                unfinished -= sum(1 for choice in chunk.choices if choice.finish_reason)
+                if chunk.HasField("usage") or (unfinished <= 0 and not include_usage):
+                    # The service sends nothing after this chunk but its OK status: the client gets
+                    # [DONE] now, in the same write, instead of after the status reaches us. The
+                    # watch stops first: once the response is complete, ASGI reports a disconnect.
+                    self._watch.stop()
+                    await send({"type": "http.response.body", "body": data + _DONE, "more_body": False})
+                    await self._expect_end(call)
+                    return
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 chunk = await call.read()
             await send({"type": "http.response.body", "body": _DONE, "more_body": False})
@@ -108,6 +120,18 @@ class EventStreamResponse:
         finally:
             self._watch.stop()
             call.cancel()  # a no-op once the call has ended
+
+    @staticmethod
+    async def _expect_end(call: grpc.aio.UnaryStreamCall) -> None:
+        # Only a cancellation or a shutdown can end the call otherwise, and the client has its answer.
+        try:
+            extra = await call.read()
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                logger.warning("the call ended with %s after its last chunk", error.code())
+            return
+        if extra is not grpc.aio.EOF:
+            logger.warning("the service streamed a chunk after the last one; dropped")
 
     @staticmethod
     async def _end_with_error(send: Send, envelope: bytes) -> None:

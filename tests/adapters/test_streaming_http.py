@@ -97,6 +97,27 @@ def test_sse_wire_format(http):
     assert text_of(chunks) == unary["choices"][0]["message"]["content"]
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_of_several_choices_ends_once_all_have_finished(http, include_usage):
+    """The adapter ends the stream at the service's last chunk (every choice's finish_reason, then
+    the usage chunk when asked for), without waiting for the call's status: nothing is cut off."""
+    request = body(PROMPTS[1], n=3, temperature=1.0, seed=11, max_tokens=8, stream_options={"include_usage": include_usage})
+    chunks = stream_chunks(http, request)
+    finished = [choice["index"] for chunk in chunks for choice in chunk["choices"] if choice["finish_reason"]]
+    assert sorted(finished) == [0, 1, 2]
+    unary = http.post("/chat/completions", json={**request, "stream": False, "stream_options": None}).json()
+    for choice in unary["choices"]:
+        streamed = "".join(
+            c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"] if c["index"] == choice["index"]
+        )
+        assert streamed == choice["message"]["content"]
+    if include_usage:
+        assert chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"]["completion_tokens"] == unary["usage"]["completion_tokens"]
+    else:
+        assert chunks[-1]["choices"][0]["finish_reason"] is not None
+
+
 def test_sse_events_arrive_incrementally(http):
     """Events are flushed as tokens are made, not buffered until the end."""
     request = body(temperature=0, max_tokens=60, logit_bias=NO_END, stream=True)
