@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serving.py --openai-url http://127.0.0.1:8000/v1   # any OpenAI-compatible server
     .venv/bin/python benchmarks/serving.py --grpc 127.0.0.1:50051                  # chatrpc's gRPC service
     .venv/bin/python benchmarks/serving.py --compare [--json results.json]          # starts, measures, stops all three
-    .venv/bin/python benchmarks/serving.py --rest-overhead --overhead-pairs 100     # starts chatrpc: REST vs gRPC only
+    .venv/bin/python benchmarks/serving.py --rest-overhead --overhead-pairs 1000    # starts chatrpc: REST vs gRPC only
 
 Every request streams, is greedy (temperature 0) and asks for `--max-tokens` (128) tokens with the
 model's end tokens banned through logit_bias, so that each one generates exactly that many; the
@@ -23,9 +23,10 @@ Tokens are counted from the usage chunk when the server sends one (stream_option
 else as content chunks. Also measured:
   multi-turn         a chat of `--turns` (6) turns, each request resending the whole history (the
                      previous answers and a new question); the TTFT of each turn
-  REST overhead      (--compare, --rest-overhead) p50 latency of one-token streaming requests
-                     through REST and through gRPC, interleaved, and the difference; REST is timed
-                     with aiohttp (a C HTTP parser, like grpc's client) and also with httpx
+  REST overhead      (--compare, --rest-overhead) latency of one-token streaming requests through
+                     REST and through gRPC, interleaved: the p50s, their difference, and the median
+                     of per-round differences; REST is timed with a bare HTTP/1.1 client on
+                     httptools, and also with aiohttp and httpx
 
 --compare runs chatrpc (`chatrpc serve --parallel 8`) and the peer, llama-cpp-python's own server
 (`python -m llama_cpp.server`, the `llama-cpp-python[server]` extra, through llama_cpp_peer.py), on
@@ -50,6 +51,7 @@ import ipaddress
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -62,6 +64,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
+import httptools
 import httpx
 
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
@@ -206,14 +209,9 @@ class OpenAIClient:
 
 
 class LeanOpenAIClient(OpenAIClient):
-    """The same requests on aiohttp, whose HTTP parser is C (llhttp), for the REST overhead.
-
-    httpx parses HTTP in pure Python (h11): on this 2-core machine it takes 1.5 ms more per
-    one-token request than this client against an idle upstream, and several ms more while the
-    model's threads hold both cores, whereas the gRPC side of the comparison runs grpc's C core.
-    That difference is the benchmark client's, not the adapter's, so the overhead is measured with
-    this client; the httpx figure is reported beside it.
-    """
+    """The same requests on aiohttp, whose HTTP parser is C (llhttp): a client library beside
+    RawHttpClient in the REST overhead. httpx parses HTTP in pure Python (h11) and takes ~1.5 ms
+    more per one-token request on this 2-core machine."""
 
     def __init__(self, base_url: str, model: str = MODEL_ID, api_key: str | None = None) -> None:
         super().__init__(base_url, model, api_key)
@@ -240,6 +238,76 @@ class LeanOpenAIClient(OpenAIClient):
         await super().close()
         if self.session is not None:
             await self.session.close()
+
+
+class _SSEResponse:
+    """httptools' callbacks for one streamed response: the body's events go to the timer."""
+
+    def __init__(self, timer: StreamTimer) -> None:
+        self.timer, self.pending, self.done, self.complete = timer, b"", False, False
+        self.body_start = b""
+
+    def on_body(self, body: bytes) -> None:
+        if len(self.body_start) < 200:  # for the error of a refused request
+            self.body_start += body[: 200 - len(self.body_start)]
+        self.pending += body
+        *events, self.pending = self.pending.split(b"\n\n")
+        for event in events:
+            if not self.done and not OpenAIClient.event(event.decode(), self.timer):
+                self.done = True
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class RawHttpClient(OpenAIClient):
+    """The same requests as bytes on one kept-alive loopback connection, the answer parsed by
+    httptools (llhttp, the parser uvicorn uses): the REST overhead's ruler.
+
+    An HTTP client library costs time of its own on every request, and a 2-core machine runs it
+    cold, after the model's threads have filled the caches: against the same adapter aiohttp adds
+    0.3-0.8 ms to a one-token request over this client, httpx 1.5 ms more (the table in
+    docs/benchmarks.md). The gRPC side runs grpc's own client, which the adapter also runs inside,
+    so what REST adds over gRPC through this client is the adapter's work and its two extra hops.
+    """
+
+    def __init__(self, base_url: str, model: str = MODEL_ID, api_key: str | None = None) -> None:
+        super().__init__(base_url, model, api_key)
+        parts = urlsplit(self.url)
+        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.head = "".join(
+            [f"POST {parts.path} HTTP/1.1\r\nhost: {parts.netloc}\r\ncontent-type: application/json\r\n"]
+            + [f"{name}: {value}\r\n" for name, value in self.headers.items()]
+        )
+        self.connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def stream(self, messages: list[dict], max_tokens: int) -> RequestResult:
+        body = json.dumps(self.body(messages, max_tokens)).encode()
+        timer = StreamTimer()
+        try:
+            if self.connection is None:
+                self.connection = await asyncio.open_connection(*self.address)
+            reader, writer = self.connection
+            writer.write(f"{self.head}content-length: {len(body)}\r\n\r\n".encode() + body)
+            response = _SSEResponse(timer)
+            parser = httptools.HttpResponseParser(response)
+            while not response.complete:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                parser.feed_data(data)
+        except (OSError, httptools.HttpParserError, json.JSONDecodeError) as error:
+            await self.close()
+            return RequestResult(ok=False, error=f"{type(error).__name__}: {error}")
+        if parser.get_status_code() != 200:
+            return RequestResult(ok=False, error=f"HTTP {parser.get_status_code()}: {response.body_start!r}")
+        return timer.result()
+
+    async def close(self) -> None:
+        await super().close()
+        if self.connection is not None:
+            self.connection[1].close()
+            self.connection = None
 
 
 class GrpcClient:
@@ -378,33 +446,49 @@ async def run_chat(client, turns: int, max_tokens: int) -> list[dict]:
 
 async def rest_overhead(rest_url: str, grpc_client: GrpcClient, rest_httpx: OpenAIClient, pairs: int,
                         load: ForeignLoad, args: argparse.Namespace) -> dict:
-    """p50 latency of one-token requests through REST and directly through gRPC, interleaved.
+    """Latency of one-token requests through REST and directly through gRPC, interleaved.
 
-    Each round sends one request by each path, in an order that rotates from round to round so that
-    none is always first after the others (the engine's state, prefix caches); a few rounds first
-    warm the connections up. REST is timed with a C-parsing HTTP client (LeanOpenAIClient); the
-    httpx figure is there to show what the benchmark's own HTTP client adds.
+    Each round sends one request by each path, in an order shuffled from round to round (a fixed
+    seed): what ran just before a request (which processes' caches the last prefill evicted, the
+    engine's state) matters, and a rotation would put each path always after the same other one. A
+    few rounds first warm the connections up. The overhead is the median over rounds of REST's latency minus gRPC's
+    in the same round: a prefill's time varies by several ms from one request to the next, which
+    the difference of two p50s carries whole and a per-round difference mostly cancels. REST is
+    timed with RawHttpClient; aiohttp (a C parser too) and httpx show what a client library adds.
     """
-    lean = LeanOpenAIClient(rest_url)
-    clients = {"rest": lean, "rest_httpx": rest_httpx, "grpc": grpc_client}
+    raw, lean = RawHttpClient(rest_url), LeanOpenAIClient(rest_url)
+    clients = {"rest": raw, "rest_aiohttp": lean, "rest_httpx": rest_httpx, "grpc": grpc_client}
     names = list(clients)
     messages = [{"role": "user", "content": PROMPTS[0]}]
-    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds: list[dict[str, float]] = []
     await load.wait_quiet(args.quiet_below, args.quiet_wait)
     before = load.snapshot()
+    order = random.Random(5)
     try:
         for index in range(-3, pairs):
-            for name in names[index % 3:] + names[: index % 3]:
+            latencies = {}
+            for name in order.sample(names, len(names)):
                 result = await clients[name].stream(messages, 1)
-                if result.ok and index >= 0:
-                    times[name].append(result.latency)
+                if result.ok:
+                    latencies[name] = result.latency
+            if index >= 0:
+                rounds.append(latencies)
     finally:
+        await raw.close()
         await lean.close()
     foreign_load = load.since(before)
-    p50 = {name: statistics.median(values) if values else float("nan") for name, values in times.items()}
-    return {"pairs": pairs, "rest_p50": p50["rest"], "grpc_p50": p50["grpc"], "overhead_p50": p50["rest"] - p50["grpc"],
-            "rest_httpx_p50": p50["rest_httpx"], "overhead_httpx_p50": p50["rest_httpx"] - p50["grpc"],
-            "foreign_load": foreign_load}
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    report = {"pairs": pairs, "foreign_load": foreign_load}
+    for name in names:
+        report[f"{name}_p50"] = median([r[name] for r in rounds if name in r])
+    for name in names[:-1]:
+        suffix = name.removeprefix("rest")
+        report[f"overhead{suffix}_p50"] = report[f"{name}_p50"] - report["grpc_p50"]
+        report[f"overhead{suffix}_paired"] = median([r[name] - r["grpc"] for r in rounds if name in r and "grpc" in r])
+    return report
 
 
 # --- the rest of the machine ------------------------------------------------------------------
@@ -800,8 +884,8 @@ def main() -> None:
                         help="measurements of a level or chat again when others loaded the machine (default: 2)")
     parser.add_argument("--cap", type=float, default=120, help="seconds a level may start requests (default: 120)")
     parser.add_argument("--parallel", type=int, default=8, help="chatrpc's --parallel in --compare (default: 8)")
-    parser.add_argument("--overhead-pairs", type=int, default=30,
-                        help="REST/gRPC request pairs in --compare and --rest-overhead (default: 30)")
+    parser.add_argument("--overhead-pairs", type=int, default=300,
+                        help="rounds of the REST overhead in --compare and --rest-overhead (default: 300)")
     parser.add_argument("--model", default=MODEL_ID, help=f"model id to request (default: {MODEL_ID})")
     parser.add_argument("--api-key", help="bearer key, if the server wants one")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -821,11 +905,13 @@ def main() -> None:
         print("\n" + "\n".join(ratio_lines(results)))
     if "rest_overhead" in results:
         o = results["rest_overhead"]
-        print(f"\nREST overhead, one-token streaming requests, {o['pairs']} rounds interleaved: "
-              f"REST p50 {o['rest_p50'] * 1e3:.1f} ms, gRPC p50 {o['grpc_p50'] * 1e3:.1f} ms, "
-              f"difference {o['overhead_p50'] * 1e3:+.1f} ms (REST through httpx: p50 "
-              f"{o['rest_httpx_p50'] * 1e3:.1f} ms, {o['overhead_httpx_p50'] * 1e3:+.1f} ms); "
-              f"other load {o['foreign_load']:.0%}")
+        print(f"\nREST overhead, one-token streaming requests, {o['pairs']} rounds interleaved "
+              f"(other load {o['foreign_load']:.0%}):\n")
+        print("| REST client | REST p50 ms | gRPC p50 ms | p50 difference ms | median of per-round differences ms |")
+        print("|---|---:|---:|---:|---:|")
+        for label, suffix in (("raw HTTP/1.1 (httptools)", ""), ("aiohttp", "_aiohttp"), ("httpx", "_httpx")):
+            print(f"| {label} | {o[f'rest{suffix}_p50'] * 1e3:.1f} | {o['grpc_p50'] * 1e3:.1f} | "
+                  f"{o[f'overhead{suffix}_p50'] * 1e3:+.2f} | {o[f'overhead{suffix}_paired'] * 1e3:+.2f} |")
     print(f"\n(run took {time.monotonic() - started:.0f} s)")
     if args.json:
         levels = {name: {level: [asdict(r) for r in runs] for level, runs in by_level.items()}
