@@ -210,8 +210,7 @@ class OpenAIClient:
 
 class LeanOpenAIClient(OpenAIClient):
     """The same requests on aiohttp, whose HTTP parser is C (llhttp): a client library beside
-    RawHttpClient in the REST overhead. httpx parses HTTP in pure Python (h11) and takes ~1.5 ms
-    more per one-token request on this 2-core machine."""
+    RawHttpClient in the REST overhead, as is httpx, which parses HTTP in pure Python (h11)."""
 
     def __init__(self, base_url: str, model: str = MODEL_ID, api_key: str | None = None) -> None:
         super().__init__(base_url, model, api_key)
@@ -266,7 +265,7 @@ class RawHttpClient(OpenAIClient):
 
     An HTTP client library costs time of its own on every request, and a 2-core machine runs it
     cold, after the model's threads have filled the caches: against the same adapter aiohttp adds
-    0.3-0.8 ms to a one-token request over this client, httpx 1.5 ms more (the table in
+    0.2-0.8 ms to a one-token request over this client, httpx 3.0-3.9 ms (the tables in
     docs/benchmarks.md). The gRPC side runs grpc's own client, which the adapter also runs inside,
     so what REST adds over gRPC through this client is the adapter's work and its two extra hops.
     """
@@ -451,10 +450,11 @@ async def rest_overhead(rest_url: str, grpc_client: GrpcClient, rest_httpx: Open
     Each round sends one request by each path, in an order shuffled from round to round (a fixed
     seed): what ran just before a request (which processes' caches the last prefill evicted, the
     engine's state) matters, and a rotation would put each path always after the same other one. A
-    few rounds first warm the connections up. The overhead is the median over rounds of REST's latency minus gRPC's
-    in the same round: a prefill's time varies by several ms from one request to the next, which
-    the difference of two p50s carries whole and a per-round difference mostly cancels. REST is
-    timed with RawHttpClient; aiohttp (a C parser too) and httpx show what a client library adds.
+    few rounds first warm the connections up. The overhead is the median over rounds of REST's
+    latency minus gRPC's in the same round: a prefill's time varies by several ms from one request
+    to the next, which the difference of two p50s carries whole and a per-round difference mostly
+    cancels. REST is timed with RawHttpClient; aiohttp (a C parser too) and httpx show what a
+    client library adds.
     """
     raw, lean = RawHttpClient(rest_url), LeanOpenAIClient(rest_url)
     clients = {"rest": raw, "rest_aiohttp": lean, "rest_httpx": rest_httpx, "grpc": grpc_client}
