@@ -35,6 +35,7 @@ import sampler_ext
 from service.engine.batch import TokenBatch
 from service.engine.grammar import GrammarCompiler
 from service.engine.model import LoadedModel
+from service.engine.openmp import WorkerPool
 from service.engine.prefix_cache import PrefixCache
 from service.engine.sequence import Sequence, SequenceUpdate, merged
 from service.engine.speculation import PromptLookup
@@ -134,6 +135,7 @@ class Scheduler:
         if speculative_tokens > 0 and not model.deterministic and not model.is_recurrent:
             self._lookup = PromptLookup(speculative_tokens, *speculative_ngram)
         self._stopping = False
+        self._workers = WorkerPool()
         self.timings = StepTimings()
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model.model_id}", daemon=True)
         self._thread.start()
@@ -212,6 +214,9 @@ class Scheduler:
                         self._fail(sequence, "internal error during generation")
                     # A llama_decode that failed half-way may leave any stream in doubt.
                     self.prefix_cache.clear()
+                if not self._active and not self._waiting:
+                    # Idle now: llama.cpp's workers would spin for ~10 ms (openmp.py).
+                    self._workers.release()
         for sequence in list(self._active) + [s for request in self._waiting for s in request]:
             self._fail(sequence, "the server is shutting down")
 
