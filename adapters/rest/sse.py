@@ -89,11 +89,12 @@ class EventStreamResponse:
         self._include_usage = include_usage
         self._choices = choices
         self._headers = [*_HEADERS, (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1"))]
+        self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call, include_usage = self._call, self._include_usage
+        held = b""  # events that go out with the next write
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             chunk, unfinished = self._first, self._choices
             while chunk is not grpc.aio.EOF:
                 data = _event(encode(chunk_to_json(chunk, include_usage)))
@@ -103,23 +104,37 @@ class EventStreamResponse:
                     # [DONE] now, in the same write, instead of after the status reaches us. The
                     # watch stops first: once the response is complete, ASGI reports a disconnect.
                     self._watch.stop()
-                    await send({"type": "http.response.body", "body": data + _DONE, "more_body": False})
+                    await self._write(send, held + data + _DONE, more_body=False)
                     await self._expect_end(call)
                     return
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if unfinished <= 0:
+                    # Every choice has finished and only the usage chunk follows, a fraction of a
+                    # millisecond later: both go out in one write (one wake-up of the client).
+                    held += data
+                else:
+                    await self._write(send, held + data, more_body=True)
+                    held = b""
                 chunk = await call.read()
-            await send({"type": "http.response.body", "body": _DONE, "more_body": False})
+            await self._write(send, held + _DONE, more_body=False)
         except grpc.aio.AioRpcError as error:
-            await self._end_with_error(send, from_rpc_error(error).to_json())
+            await self._write(send, held + _event(from_rpc_error(error).to_json()), more_body=False)
         except asyncio.CancelledError:
             if not self._watch.client_gone():
                 raise
         except Exception:
             logger.exception("streaming a chat completion failed")
-            await self._end_with_error(send, internal_error().to_json())
+            await self._write(send, held + _event(internal_error().to_json()), more_body=False)
         finally:
             self._watch.stop()
             call.cancel()  # a no-op once the call has ended
+
+    async def _write(self, send: Send, body: bytes, *, more_body: bool) -> None:
+        # The response starts with its first write rather than before: the first chunk is already
+        # here, and the status line then leaves right before the events it heads.
+        if not self._started:
+            self._started = True
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        await send({"type": "http.response.body", "body": body, "more_body": more_body})
 
     @staticmethod
     async def _expect_end(call: grpc.aio.UnaryStreamCall) -> None:
@@ -132,7 +147,3 @@ class EventStreamResponse:
             return
         if extra is not grpc.aio.EOF:
             logger.warning("the service streamed a chunk after the last one; dropped")
-
-    @staticmethod
-    async def _end_with_error(send: Send, envelope: bytes) -> None:
-        await send({"type": "http.response.body", "body": _event(envelope), "more_body": False})
