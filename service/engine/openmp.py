@@ -6,8 +6,8 @@ workers spin, up to GOMP_SPINCOUNT pauses (300,000 by default: 6-13 ms of a core
 before they sleep. Between two decode steps that spin is what keeps the next step from waiting for
 its workers to wake (`OMP_WAIT_POLICY=PASSIVE` costs ~12 % of one stream's speed here). After the
 last step of a busy period it is pure loss: it holds a core for 10 ms just when the service's,
-the adapter's and the client's network stacks deliver the answer, which on a 2-core machine put
-~0.5 ms on every request through REST (docs/benchmarks.md, "The OpenMP spin").
+the adapter's and the client's network stacks deliver the answer (on a 2-core machine, measured in
+docs/benchmarks.md, "The REST overhead hop by hop").
 
 `omp_pause_resource_all(omp_pause_soft)`, called by the thread that owns the pool, ends its workers
 (libgomp joins them: ~0.1 ms); the next decode starts a new pool. The standard OpenMP 5.0 call
