@@ -4,7 +4,7 @@ llama.cpp built with OpenMP (the default on Linux, and how pip builds llama-cpp-
 decode on a libgomp thread pool owned by the calling thread. After each parallel region the pool's
 workers spin, up to GOMP_SPINCOUNT pauses (300,000 by default: 6-13 ms of a core on this machine),
 before they sleep. Between two decode steps that spin is what keeps the next step from waiting for
-its workers to wake (`OMP_WAIT_POLICY=PASSIVE` costs ~12 % of one stream's speed here). After the
+its workers to wake (`OMP_WAIT_POLICY=PASSIVE` cost 8-12 % of one stream's speed here). After the
 last step of a busy period it is pure loss: it holds a core for 10 ms just when the service's,
 the adapter's and the client's network stacks deliver the answer (on a 2-core machine, measured in
 docs/benchmarks.md, "The REST overhead hop by hop").
