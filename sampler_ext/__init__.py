@@ -21,6 +21,6 @@ Logprobs are reported as OpenAI reports them: the log-softmax of the *raw* logit
 logprobs").
 """
 
-from ._native import BatchSampler, SequenceSampler
+from ._native import BatchSampler, DecodeInterrupt, SequenceSampler
 
-__all__ = ["BatchSampler", "SequenceSampler"]
+__all__ = ["BatchSampler", "DecodeInterrupt", "SequenceSampler"]

@@ -162,3 +162,24 @@ class BatchSampler:
     def __contains__(self, key: object) -> bool: ...
     @property
     def vocab_size(self) -> int: ...
+
+class DecodeInterrupt:
+    """A flag that stops a running ``llama_decode`` early.
+
+    Pass :attr:`callback` and :attr:`data` to ``llama_set_abort_callback``: llama.cpp then calls
+    the C function at ``callback`` with ``data`` between the nodes of every graph it computes, on
+    the decoding thread and without the GIL, and stops (``llama_decode`` returns 2) once the flag
+    is raised. :meth:`raise_` and :meth:`clear` may be called from any thread.
+    """
+
+    def __init__(self) -> None: ...
+    def raise_(self) -> None: ...
+    def clear(self) -> None: ...
+    @property
+    def is_raised(self) -> bool: ...
+    @property
+    def callback(self) -> int:
+        """The address of ``bool interrupt_requested(void *data)``."""
+    @property
+    def data(self) -> int:
+        """The address of the flag; valid while this object lives."""

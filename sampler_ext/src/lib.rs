@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod interrupt;
 pub mod kernels;
 pub mod parallel;
 pub mod rng;
@@ -21,6 +22,7 @@ use pyo3::types::{PyDict, PyInt};
 
 pub use batch::{BatchOutput, BatchSampler};
 pub use error::SamplerError;
+pub use interrupt::DecodeInterrupt;
 pub use sampler::{Sample, SamplerConfig, SequenceSampler};
 
 /// `(token, logprob, [(token, logprob), ...])`, as Python receives a sample.
@@ -305,9 +307,51 @@ fn extract_seed(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
     }
 }
 
+/// A flag that stops a running `llama_decode` early: pass `callback` and `data` to
+/// `llama_set_abort_callback`, then `raise_()` it from any thread (interrupt.rs says why in Rust).
+#[pyclass(name = "DecodeInterrupt", module = "sampler_ext._native", frozen)]
+pub struct PyDecodeInterrupt {
+    inner: DecodeInterrupt,
+}
+
+#[pymethods]
+impl PyDecodeInterrupt {
+    #[new]
+    fn new() -> Self {
+        Self { inner: DecodeInterrupt::new() }
+    }
+
+    /// Ask the decode that is running (or the next one) to stop.
+    fn raise_(&self) {
+        self.inner.raise();
+    }
+
+    fn clear(&self) {
+        self.inner.clear();
+    }
+
+    #[getter]
+    fn is_raised(&self) -> bool {
+        self.inner.is_raised()
+    }
+
+    /// The address of the C function `bool (*)(void *)` that reads the flag.
+    #[getter]
+    fn callback(&self) -> usize {
+        DecodeInterrupt::callback_address()
+    }
+
+    /// The address of the flag itself, the callback's `data`; valid while this object lives.
+    #[getter]
+    fn data(&self) -> usize {
+        self.inner.data_address()
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySequenceSampler>()?;
     m.add_class::<PyBatchSampler>()?;
+    m.add_class::<PyDecodeInterrupt>()?;
     Ok(())
 }
