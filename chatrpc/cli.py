@@ -57,6 +57,14 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "(the next turn of a chat) prefills only the rest; output is the same either way (default: on)",
     )
     group.add_argument(
+        "--idle-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="while no request runs, prefill again what finished requests generated, so that the next turn of a chat "
+        "reuses its last answer's KV too; a request that arrives stops it within a graph node (default: on; needs "
+        "--prefix-cache, and is off with --deterministic)",
+    )
+    group.add_argument(
         "--deterministic",
         action="store_true",
         help="make a request's greedy or seeded output independent of how many others share its decode steps: "
@@ -149,6 +157,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:  # noqa: ANN001
         threads=args.threads,
         max_choices=args.max_n,
         prefix_cache=args.prefix_cache,
+        idle_prefill=args.idle_prefill,
         deterministic=args.deterministic,
         speculative_tokens=args.speculative_tokens,
         speculative_ngram=args.speculative_ngram,

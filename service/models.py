@@ -94,6 +94,7 @@ class EngineSettings:
     threads: int | None = None
     max_choices: int = 8
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
+    idle_prefill: bool = True  # idle free slots prefill what their sequences generated (prefix_cache.py)
     deterministic: bool = False  # kernels that do not switch with load: output does not depend on it
     speculative_tokens: int = 3  # prompt-lookup guesses checked per step of a lone sequence (0: off)
     speculative_ngram: tuple[int, int] = (2, 4)  # lengths of the history's ending that prompt lookup matches
@@ -126,6 +127,7 @@ class ModelRegistry:
                 max_waiting=settings.max_waiting,
                 prefill_chunk=settings.prefill_chunk,
                 prefix_cache=settings.prefix_cache,
+                idle_prefill=settings.idle_prefill,
                 speculative_tokens=settings.speculative_tokens,
                 speculative_ngram=settings.speculative_ngram,
             )

@@ -14,12 +14,18 @@ first token from the same logits. While a single sequence decodes, a step may al
 its next tokens (speculation.py), emitting several tokens at once. Decode runs on this thread, never
 on the asyncio loop; results go back to the loop with `call_soon_threadsafe`, one update per
 sequence per step.
+
+When no request is waiting or running, the thread prefills again, piece by piece, what finished
+sequences generated (`PrefixCache.next_idle_prefill`), so that a chat's next turn reuses its last
+answer's KV as well as its history's; a request that arrives meanwhile raises a flag that llama.cpp
+checks between graph nodes (`sampler_ext.DecodeInterrupt`), so it waits for a node, not a piece.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
 import secrets
 import threading
@@ -71,6 +77,7 @@ class StepTimings:
     speculative_steps: int = 0  # decode steps that checked guesses (speculation.py)
     drafted_tokens: int = 0  # guesses checked
     accepted_tokens: int = 0  # of them, those that held (tokens gained over plain steps)
+    idle_prefill_seconds: float = 0.0  # inside llama_decode for idle prefill (not in decode_seconds)
 
 
 class RequestStream:
@@ -109,6 +116,7 @@ class Scheduler:
         max_waiting: int = 256,
         prefill_chunk: int = 256,
         prefix_cache: bool = True,
+        idle_prefill: bool = True,
         speculative_tokens: int = 3,
         speculative_ngram: tuple[int, int] = (2, 4),
     ) -> None:
@@ -120,7 +128,12 @@ class Scheduler:
         self._waiting: collections.deque[list[Sequence]] = collections.deque()  # requests, as their sequences
         self._active: list[Sequence] = []
         self.prefix_cache = PrefixCache(
-            model.memory, model.max_sequences, self._prefill_chunk, enabled=prefix_cache, any_boundary=not model.deterministic
+            model.memory,
+            model.max_sequences,
+            self._prefill_chunk,
+            enabled=prefix_cache,
+            any_boundary=not model.deterministic,
+            idle_prefill=idle_prefill,
         )
         self._batch = TokenBatch(model.batch_size)
         # Sampling runs right after llama_decode, while llama.cpp's own threads still hold both
@@ -136,9 +149,21 @@ class Scheduler:
             self._lookup = PromptLookup(speculative_tokens, *speculative_ngram)
         self._stopping = False
         self._workers = WorkerPool()
+        self._idle_prefill = self.prefix_cache.offers_idle_prefill
+        self._idle_prefilling = False  # a piece is in llama_decode (read and written under the lock)
+        self._interrupt = sampler_ext.DecodeInterrupt()
+        if self._idle_prefill:
+            # Kept referenced: llama.cpp holds the function pointer for the context's lifetime.
+            self._abort_callback = llama_cpp.ggml_abort_callback(self._interrupt.callback)
+            llama_cpp.llama_set_abort_callback(model.context, self._abort_callback, ctypes.c_void_p(self._interrupt.data))
         self.timings = StepTimings()
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model.model_id}", daemon=True)
         self._thread.start()
+
+    @property
+    def idle_prefilling(self) -> bool:
+        """Whether an idle prefill piece is in llama_decode now (for tests)."""
+        return self._idle_prefilling
 
     # ---- asyncio side -------------------------------------------------------------------------
 
@@ -172,6 +197,8 @@ class Scheduler:
             if len(self._waiting) >= self._max_waiting:
                 raise QueueFull(f"The server is busy: {len(self._waiting)} requests are waiting. Retry later.")
             self._waiting.append(sequences)
+            if self._idle_prefilling:
+                self._interrupt.raise_()  # the request must not wait for an idle piece
             self._condition.notify()
         return RequestStream(self, queue, sequences)
 
@@ -188,6 +215,8 @@ class Scheduler:
     def close(self) -> None:
         with self._condition:
             self._stopping = True
+            if self._idle_prefilling:
+                self._interrupt.raise_()
             self._condition.notify()
         self._thread.join()
 
@@ -195,12 +224,21 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
+            piece = None
             with self._condition:
                 while not self._stopping and not self._waiting and not self._active:
+                    piece = self.prefix_cache.next_idle_prefill() if self._idle_prefill else None
+                    if piece is not None:
+                        self._interrupt.clear()
+                        self._idle_prefilling = True
+                        break
                     self._condition.wait()
                 if self._stopping:
                     break
                 admitted = self._take_admissible()
+            if piece is not None:
+                self._prefill_while_idle(*piece)
+                continue
             # Set-up (sampler state, grammar matcher) happens outside the lock: submit() takes the
             # lock on the asyncio loop, which must never wait for a grammar to compile.
             for request in admitted:
@@ -215,10 +253,42 @@ class Scheduler:
                     # A llama_decode that failed half-way may leave any stream in doubt.
                     self.prefix_cache.clear()
                 if not self._active and not self._waiting:
-                    # Idle now: llama.cpp's workers would spin for ~10 ms (openmp.py).
-                    self._workers.release()
+                    self._went_idle()
         for sequence in list(self._active) + [s for request in self._waiting for s in request]:
             self._fail(sequence, "the server is shutting down")
+
+    def _went_idle(self) -> None:
+        # llama.cpp's workers would spin for ~10 ms (openmp.py), unless idle prefill keeps them busy.
+        if not (self._idle_prefill and self.prefix_cache.next_idle_prefill() is not None):
+            self._workers.release()
+
+    def _prefill_while_idle(self, slot: int, start: int, tokens: np.ndarray) -> None:
+        """One piece of what a finished sequence went on with, into its free slot (from `start`,
+        where the KV the slot offers ends); stopped by the first request that comes."""
+        memory = self._model.memory
+        status = -1
+        if llama_cpp.llama_memory_seq_rm(memory, slot, start, -1):
+            batch = self._batch
+            batch.clear()
+            batch.add(slot, tokens, start, output_last=False)
+            started = time.perf_counter()
+            status = llama_cpp.llama_decode(self._model.context, batch.finish())
+            self.timings.idle_prefill_seconds += time.perf_counter() - started
+        with self._condition:
+            self._idle_prefilling = False
+            interrupted = self._interrupt.is_raised
+            self._interrupt.clear()
+        if status == 0:
+            self.prefix_cache.idle_prefilled(slot, start + len(tokens))
+        else:
+            # Whatever part of the piece was written is dropped; the KV before `start` is untouched.
+            llama_cpp.llama_memory_seq_rm(memory, slot, start, -1)
+            aborted = status == 2 and interrupted
+            if not aborted:
+                log.warning("idle prefill of slot %d failed (llama_decode returned %d); dropping it", slot, status)
+            self.prefix_cache.idle_prefill_stopped(slot, interrupted=aborted)
+        if not self._waiting and not self._stopping:
+            self._went_idle()
 
     def _take_admissible(self) -> list[list[Sequence]]:
         """Waiting requests, oldest first, while enough sequence slots are free for all their choices."""
@@ -262,8 +332,11 @@ class Scheduler:
         (true after a finish or a cancel, both taken between steps, when every llama_decode it
         was part of has completed; false after a failure, when nothing in its KV is trusted)."""
         self._active.remove(sequence)
-        done = sequence.generation.prompt_tokens[: sequence.reusable] if keep_prompt else None
-        self.prefix_cache.release(sequence.seq_id, done)
+        prompt = sequence.generation.prompt_tokens
+        done = prompt[: sequence.reusable] if keep_prompt else None
+        # The last token generated is not in the KV yet: prefilled while idle, it may be (in room).
+        followed = [*prompt, *sequence.output_tokens][: self._model.context_per_sequence] if keep_prompt else None
+        self.prefix_cache.release(sequence.seq_id, done, followed)
         self._sampler.remove(sequence.seq_id)
         if self._lookup is not None:
             self._lookup.forget(sequence)

@@ -43,10 +43,14 @@ class Choice:
 class Engine:
     """One model with its scheduler, as service.models builds them, with the cache on or off."""
 
-    def __init__(self, *, prefix_cache: bool, slots: int = 3, chunk: int = 256) -> None:
+    def __init__(self, *, prefix_cache: bool, slots: int = 3, chunk: int = 256, idle_prefill: bool = False) -> None:
         self.model = LoadedModel("test", embedded_model_path(), context_per_sequence=1024, max_sequences=slots)
         self.scheduler = Scheduler(
-            self.model, GrammarCompiler(self.model.vocab, self.model.vocab_size), prefill_chunk=chunk, prefix_cache=prefix_cache
+            self.model,
+            GrammarCompiler(self.model.vocab, self.model.vocab_size),
+            prefill_chunk=chunk,
+            prefix_cache=prefix_cache,
+            idle_prefill=idle_prefill,
         )
         self.slots = slots
 
@@ -89,6 +93,13 @@ class Engine:
             assert time.monotonic() < deadline, "the scheduler did not free its slots"
             await sleep(0.01)
 
+    def wait_idle_prefill(self) -> None:
+        """Until the scheduler has prefilled, while idle, all that finished sequences generated."""
+        deadline = time.monotonic() + 60
+        while self.cache.idle_prefill_pending() or self.scheduler.idle_prefilling:
+            assert time.monotonic() < deadline, "idle prefill did not finish"
+            time.sleep(0.01)
+
     def close(self) -> None:
         self.scheduler.close()
         self.model.close()
@@ -99,8 +110,10 @@ def engine_pair():
     """Makes (with the cache, without) of a size, and closes them after the test."""
     made: list[Engine] = []
 
-    def make(*, slots: int = 3, chunk: int = 256) -> tuple[Engine, Engine]:
-        made.append(Engine(prefix_cache=True, slots=slots, chunk=chunk))
+    def make(*, slots: int = 3, chunk: int = 256, idle_prefill: bool = False) -> tuple[Engine, Engine]:
+        # Idle prefill off unless asked for: with it, how much a request reuses depends on how far
+        # the idle pieces got before it came (the output never does).
+        made.append(Engine(prefix_cache=True, slots=slots, chunk=chunk, idle_prefill=idle_prefill))
         made.append(Engine(prefix_cache=False, slots=slots, chunk=chunk))
         return made[-2], made[-1]
 
@@ -211,8 +224,57 @@ def test_n_choices_and_cancelled_requests_stay_identical(engine_pair):
     assert cached.run(prompt, n=2, **seeded) == plain.run(prompt, n=2, **seeded)
 
 
+def test_idle_prefill_lets_the_next_turn_reuse_the_answer(engine_pair):
+    cached, plain = engine_pair(idle_prefill=True)
+    messages: list[dict] = []
+    previous: list[int] | None = None
+    for turn in range(3):
+        messages.append({"role": "user", "content": question(TOPICS[2], turn)})
+        prompt = cached.prompt(messages)
+        expected = plain.run(prompt, max_tokens=96, temperature=0.0)
+        reused_before = cached.cache.stats.reused_tokens
+        assert cached.run(prompt, max_tokens=96, temperature=0.0) == expected, f"turn {turn + 1} differs"
+        reused = cached.cache.stats.reused_tokens - reused_before
+        if previous is not None:
+            # Past the previous prompt: at least one idle piece (>= 64 rows) of the answer it resends.
+            assert reused >= common_prefix(previous, prompt) + 64, f"turn {turn + 1}"
+            assert reused <= len(prompt) - 64  # what it prefills is still a piece of >= 64 rows
+        cached.wait_idle_prefill()
+        previous = prompt
+        messages.append({"role": "assistant", "content": expected[0].text})
+    assert cached.cache.stats.idle_prefilled_tokens >= 2 * 64
+    assert cached.cache.stats.idle_prefills_interrupted == 0
+    # Idle prefill is counted apart: every prompt token was still prefilled once or reused.
+    assert cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens == plain.scheduler.timings.prefilled_tokens
+
+
+def test_a_request_stops_idle_prefill_which_resumes_once_idle_again(engine_pair):
+    cached, plain = engine_pair(idle_prefill=True)
+    first = [{"role": "user", "content": question(TOPICS[3], 0)}]
+    prompt = cached.prompt(first)
+    answer = plain.run(prompt, max_tokens=200, temperature=0.0)
+    other = cached.prompt([{"role": "user", "content": question(TOPICS[0], 0)}])
+    other_expected = plain.run(other, max_tokens=8, temperature=0.0)
+    assert cached.run(prompt, max_tokens=200, temperature=0.0) == answer
+    deadline = time.monotonic() + 60
+    while not cached.scheduler.idle_prefilling:  # a piece of ~200 rows stays in llama_decode a while
+        assert time.monotonic() < deadline, "idle prefill did not start"
+        time.sleep(0.001)
+    # Another conversation comes meanwhile: it stops the piece (and takes another slot).
+    assert cached.run(other, max_tokens=8, temperature=0.0) == other_expected
+    assert cached.cache.stats.idle_prefills_interrupted == 1
+    cached.wait_idle_prefill()  # idle again: the stopped piece is done after all
+    follow = [*first, {"role": "assistant", "content": answer[0].text}, {"role": "user", "content": question(TOPICS[3], 1)}]
+    prompt_2 = cached.prompt(follow)
+    reused_before = cached.cache.stats.reused_tokens
+    assert cached.run(prompt_2, max_tokens=24, temperature=0.0) == plain.run(prompt_2, max_tokens=24, temperature=0.0)
+    assert cached.cache.stats.reused_tokens - reused_before >= common_prefix(prompt, prompt_2) + 64
+
+
 def test_prefix_cache_flag_defaults_on():
     parser = build_parser()
     assert parser.parse_args(["grpc"]).prefix_cache is True
     assert parser.parse_args(["grpc", "--no-prefix-cache"]).prefix_cache is False
     assert parser.parse_args(["serve", "--prefix-cache"]).prefix_cache is True
+    assert parser.parse_args(["grpc"]).idle_prefill is True
+    assert parser.parse_args(["grpc", "--no-idle-prefill"]).idle_prefill is False
