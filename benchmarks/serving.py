@@ -22,7 +22,10 @@ Per level:
 Tokens are counted from the usage chunk when the server sends one (stream_options.include_usage),
 else as content chunks. Also measured:
   multi-turn         a chat of `--turns` (6) turns, each request resending the whole history (the
-                     previous answers and a new question); the TTFT of each turn
+                     previous answers and a new question); the TTFT of each turn. Once per pause of
+                     `--pauses` (0,2): the seconds between an answer and the next question, 0 for
+                     back to back, 2 for a user who reads and types (chatrpc prefills the answer
+                     again meanwhile: README, "Prefix caching")
   REST overhead      (--compare, --rest-overhead) latency of one-token streaming requests through
                      REST and through gRPC, interleaved: the p50s, their difference, and the median
                      of per-round differences; REST is timed with a bare HTTP/1.1 client on
@@ -428,11 +431,13 @@ async def run_level(client, concurrency: int, requests: int, max_tokens: int, ca
     )  # fmt: skip
 
 
-async def run_chat(client, turns: int, max_tokens: int) -> list[dict]:
-    """One chat, the whole history resent each turn; the TTFT of each turn."""
+async def run_chat(client, turns: int, max_tokens: int, pause: float = 0.0) -> list[dict]:
+    """One chat, the whole history resent each turn, `pause` seconds after each answer; the TTFT of each turn."""
     messages: list[dict] = []
     report = []
     for turn in range(turns):
+        if turn:
+            await asyncio.sleep(pause)
         messages.append({"role": "user", "content": CHAT_TURNS[turn % len(CHAT_TURNS)]})
         result = await client.stream(messages, max_tokens)
         report.append({"turn": turn + 1, "ok": result.ok, "ttft": result.ttft, "tokens": result.tokens,
@@ -650,7 +655,8 @@ async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace, *,
     only_levels = only_levels or {}
     target_levels = {name: [lv for lv in args.levels if lv in only_levels.get(name, args.levels)] for name in clients}
     levels: dict = {name: {level: [] for level in target_levels[name]} for name in clients}
-    chats: dict = {name: [] for name in clients if chat_with is None or name in chat_with}
+    chats: dict = {chat_key(name, pause): [] for pause in args.pauses for name in clients
+                   if chat_with is None or name in chat_with}
     for client in clients.values():  # warm-up: connections, the first allocations
         await client.stream([{"role": "user", "content": PROMPTS[0]}], 8)
     for round_index in range(args.repeats):
@@ -672,20 +678,27 @@ async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace, *,
                     f"{result.stream_rate:5.1f} per stream, TTFT p50 {result.ttft_p50 * 1e3:5.0f} ms, "
                     f"other load {result.foreign_load:4.0%}, errors {result.errors}"
                     + (f" {result.error_samples}" if result.errors else ""))
-    for name in chats:
-        client = clients[name]
-        for _ in range(args.chat_repeats if args.turns else 0):
-            for attempt in range(args.retries + 1):
-                await load.wait_quiet(args.quiet_below, args.quiet_wait)
-                before = load.snapshot()
-                chat = await run_chat(client, args.turns, args.max_tokens)
-                share = load.since(before)
-                log(f"chat {name:>16} TTFT ms: " + " ".join(f"{t['ttft'] * 1e3:.0f}" for t in chat)
-                    + (f", other load {share:.0%}" if load.knows_servers else ""))
-                if not load.knows_servers or share < args.quiet_below or attempt == args.retries:
-                    break
-            chats[name].append(chat)
-    return {"levels": levels, "chats": chats}
+    for pause in args.pauses:
+        for name in clients:
+            key = chat_key(name, pause)
+            if key not in chats:
+                continue
+            for _ in range(args.chat_repeats if args.turns else 0):
+                for attempt in range(args.retries + 1):
+                    await load.wait_quiet(args.quiet_below, args.quiet_wait)
+                    before = load.snapshot()
+                    chat = await run_chat(clients[name], args.turns, args.max_tokens, pause)
+                    share = load.since(before)
+                    log(f"chat {key:>16} TTFT ms: " + " ".join(f"{t['ttft'] * 1e3:.0f}" for t in chat)
+                        + (f", other load {share:.0%}" if load.knows_servers else ""))
+                    if not load.knows_servers or share < args.quiet_below or attempt == args.retries:
+                        break
+                chats[key].append(chat)
+    return {"levels": levels, "chats": chats, "pauses": args.pauses}
+
+
+def chat_key(name: str, pause: float) -> str:
+    return name if pause == 0 else f"{name}, {pause:g} s pauses"
 
 
 def log(line: str) -> None:
@@ -746,12 +759,15 @@ def ratio_lines(results: dict) -> list[str]:
     lines += [f"- {mine} / {peer}: {one[mine] / one[peer]:.2f}x" for mine in ours for peer in peers]
     chats = results["chats"]
     last = {name: [run[-1]["ttft"] for run in runs if run and run[-1]["ok"]] for name, runs in chats.items()}
-    if last.get(NO_CACHE):
-        off = statistics.median(last[NO_CACHE])
+    for pause in results.get("pauses", [0]):
+        if not last.get(chat_key(NO_CACHE, pause)):
+            continue
+        off = statistics.median(last[chat_key(NO_CACHE, pause)])
         for name in ("chatrpc REST", "chatrpc gRPC"):
-            if last.get(name):
-                on = statistics.median(last[name])
-                lines.append(f"- last turn's TTFT, {name} / {NO_CACHE}: {on * 1e3:.0f} / {off * 1e3:.0f} ms = {on / off:.2f}x")
+            if last.get(chat_key(name, pause)):
+                on = statistics.median(last[chat_key(name, pause)])
+                lines.append(f"- last turn's TTFT, {chat_key(name, pause)} / {chat_key(NO_CACHE, pause)}: "
+                             f"{on * 1e3:.0f} / {off * 1e3:.0f} ms = {on / off:.2f}x")
     return lines
 
 
@@ -874,7 +890,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the tables show medians (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
     parser.add_argument("--turns", type=int, default=6, help="turns of the multi-turn chat, 0 for none (default: 6)")
-    parser.add_argument("--chat-repeats", type=int, default=1, help="chats per target (default: 1)")
+    parser.add_argument("--chat-repeats", type=int, default=1, help="chats per target and pause (default: 1)")
+    parser.add_argument("--pauses", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 2.0],
+                        help="seconds between an answer and the next turn, one chat series each (default: 0,2)")
     parser.add_argument("--quiet-below", type=float, default=0.1,
                         help="before a level, wait until other processes use less than this share of the CPUs, "
                              "and measure it again if they used more during it (default: 0.1)")
