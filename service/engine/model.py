@@ -12,6 +12,8 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ _TILED_MATMUL_ENV = "GGML_CPU_TILED_MM"
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _llama_log = logging.getLogger("llama.cpp")
 _last_level = logging.DEBUG
+_demoted = threading.local()  # `on`: this thread's llama.cpp messages are logged at DEBUG
 
 
 @llama_cpp.llama_log_callback
@@ -46,8 +49,20 @@ def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> 
     # llama.cpp prints hundreds of lines per model load to stderr; route them into logging instead.
     global _last_level
     _last_level = _GGML_LEVELS.get(level, _last_level)
-    if _llama_log.isEnabledFor(_last_level):
-        _llama_log.log(_last_level, "%s", text.decode("utf-8", errors="replace").rstrip("\n"))
+    effective = logging.DEBUG if getattr(_demoted, "on", False) else _last_level
+    if _llama_log.isEnabledFor(effective):
+        _llama_log.log(effective, "%s", text.decode("utf-8", errors="replace").rstrip("\n"))
+
+
+@contextmanager
+def llama_messages_at_debug() -> Iterator[None]:
+    """llama.cpp's messages from this thread are logged at DEBUG meanwhile: a decode stopped on
+    purpose reports it in four ERROR lines, and the caller reports what matters itself."""
+    _demoted.on = True
+    try:
+        yield
+    finally:
+        _demoted.on = False
 
 
 def _init_backend() -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import sampler_ext
 from service.engine.batch import TokenBatch
 from service.engine.grammar import GrammarCompiler
-from service.engine.model import LoadedModel
+from service.engine.model import LoadedModel, llama_messages_at_debug
 from service.engine.openmp import WorkerPool
 from service.engine.prefix_cache import PrefixCache
 from service.engine.sequence import Sequence, SequenceUpdate, merged
@@ -272,7 +272,8 @@ class Scheduler:
             batch.clear()
             batch.add(slot, tokens, start, output_last=False)
             started = time.perf_counter()
-            status = llama_cpp.llama_decode(self._model.context, batch.finish())
+            with llama_messages_at_debug():  # a stopped piece is logged at ERROR level by llama.cpp
+                status = llama_cpp.llama_decode(self._model.context, batch.finish())
             self.timings.idle_prefill_seconds += time.perf_counter() - started
         with self._condition:
             self._idle_prefilling = False
