@@ -39,7 +39,7 @@ peer with its own prompt-lookup speculation, and the peer with issue 5's flags (
 chat also runs on a chatrpc with `--no-prefix-cache`. It prints markdown tables of the medians over
 `--repeats` (2) rounds and the ratios issue 5 asks about; in each round every target runs in turn,
 so that drifting load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
-up to `--quiet-wait` seconds, for other processes to leave the CPUs idle, and measures a level again
+up to `--quiet-wait` seconds, for every other process (the servers too) to leave the CPUs idle, and measures a level again
 (up to `--retries` times) when other processes took more than `--quiet-below` of the CPUs during it:
 llama.cpp's threads wait for each other at every step, so one busy core slows decode many times over.
 """
@@ -541,21 +541,25 @@ class ForeignLoad:
         self.knows_servers = knows_servers  # else a level's share would count the server's own work
         self.cpus = os.cpu_count() or 1
 
-    def snapshot(self) -> tuple[float, int, int]:
-        return time.monotonic(), machine_busy_ticks(), process_ticks(self.own)
+    def snapshot(self, own: list[int] | None = None) -> tuple[float, int, int]:
+        return time.monotonic(), machine_busy_ticks(), process_ticks(self.own if own is None else own)
 
-    def since(self, before: tuple[float, int, int]) -> float:
-        now = self.snapshot()
+    def since(self, before: tuple[float, int, int], own: list[int] | None = None) -> float:
+        now = self.snapshot(own)
         elapsed = (now[0] - before[0]) * CLOCK_TICKS * self.cpus
         return max(0.0, ((now[1] - before[1]) - (now[2] - before[2])) / elapsed) if elapsed > 0 else 0.0
 
     async def wait_quiet(self, threshold: float, timeout: float) -> float:
-        """Wait until the foreign load over one second is under `threshold`; the last share seen."""
+        """Wait until every process but this one, the servers too, used under `threshold` of the
+        CPUs over one second; the last share seen. A server still busy after its last level
+        (chatrpc's idle prefill of what 16 streams generated takes seconds) would slow the next
+        target, which may be another server."""
         deadline = time.monotonic() + timeout
+        only_me = [os.getpid()]
         while True:
-            before = self.snapshot()
+            before = self.snapshot(only_me)
             await asyncio.sleep(1.0)
-            share = self.since(before)
+            share = self.since(before, only_me)
             if share < threshold or time.monotonic() > deadline:
                 return share
 
