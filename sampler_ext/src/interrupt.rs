@@ -48,7 +48,7 @@ impl DecodeInterrupt {
 
     /// The address of [`interrupt_requested`], to pass as the callback.
     pub fn callback_address() -> usize {
-        interrupt_requested as usize
+        interrupt_requested as *const () as usize
     }
 }
 

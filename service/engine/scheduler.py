@@ -149,10 +149,9 @@ class Scheduler:
             self._lookup = PromptLookup(speculative_tokens, *speculative_ngram)
         self._stopping = False
         self._workers = WorkerPool()
-        self._idle_prefill = self.prefix_cache.offers_idle_prefill
         self._idle_prefilling = False  # a piece is in llama_decode (read and written under the lock)
         self._interrupt = sampler_ext.DecodeInterrupt()
-        if self._idle_prefill:
+        if self.prefix_cache.offers_idle_prefill:
             # Kept referenced: llama.cpp holds the function pointer for the context's lifetime.
             self._abort_callback = llama_cpp.ggml_abort_callback(self._interrupt.callback)
             llama_cpp.llama_set_abort_callback(model.context, self._abort_callback, ctypes.c_void_p(self._interrupt.data))
@@ -227,7 +226,7 @@ class Scheduler:
             piece = None
             with self._condition:
                 while not self._stopping and not self._waiting and not self._active:
-                    piece = self.prefix_cache.next_idle_prefill() if self._idle_prefill else None
+                    piece = self.prefix_cache.next_idle_prefill()
                     if piece is not None:
                         self._interrupt.clear()
                         self._idle_prefilling = True
@@ -259,7 +258,7 @@ class Scheduler:
 
     def _went_idle(self) -> None:
         # llama.cpp's workers would spin for ~10 ms (openmp.py), unless idle prefill keeps them busy.
-        if not (self._idle_prefill and self.prefix_cache.next_idle_prefill() is not None):
+        if not self.prefix_cache.idle_prefill_pending():
             self._workers.release()
 
     def _prefill_while_idle(self, slot: int, start: int, tokens: np.ndarray) -> None:
@@ -336,7 +335,9 @@ class Scheduler:
         prompt = sequence.generation.prompt_tokens
         done = prompt[: sequence.reusable] if keep_prompt else None
         # The last token generated is not in the KV yet: prefilled while idle, it may be (in room).
-        followed = [*prompt, *sequence.output_tokens][: self._model.context_per_sequence] if keep_prompt else None
+        followed = None
+        if keep_prompt and self.prefix_cache.offers_idle_prefill:
+            followed = [*prompt, *sequence.output_tokens][: self._model.context_per_sequence]
         self.prefix_cache.release(sequence.seq_id, done, followed)
         self._sampler.remove(sequence.seq_id)
         if self._lookup is not None:
