@@ -38,7 +38,7 @@ every level, and at one stream only: chatrpc without speculation (`--speculative
 peer with its own prompt-lookup speculation, and the peer with issue 5's flags (its defaults); the
 chat also runs on a chatrpc with `--no-prefix-cache`. It prints markdown tables of the medians over
 `--repeats` (2) rounds and the ratios issue 5 asks about; in each round every target runs in turn,
-so that drifting load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
+as do the chats (one chat per target, `--chat-repeats` times), so that drifting load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
 up to `--quiet-wait` seconds, for every other process (the servers too) to leave the CPUs idle, and measures a level again
 (up to `--retries` times) when other processes took more than `--quiet-below` of the CPUs during it:
 llama.cpp's threads wait for each other at every step, so one busy core slows decode many times over.
@@ -682,12 +682,16 @@ async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace, *,
                     f"{result.stream_rate:5.1f} per stream, TTFT p50 {result.ttft_p50 * 1e3:5.0f} ms, "
                     f"other load {result.foreign_load:4.0%}, errors {result.errors}"
                     + (f" {result.error_samples}" if result.errors else ""))
+    # The chats of all targets take turns (one each, then the next round), so that a slow spell of
+    # the machine (one llama_decode of the same rows took 1.5x as long in one chat as in the next)
+    # falls on every target alike rather than on one target's consecutive chats: turn 6's ratio
+    # divides one target's TTFT by another's.
     for pause in args.pauses:
-        for name in clients:
-            key = chat_key(name, pause)
-            if key not in chats:
-                continue
-            for _ in range(args.chat_repeats if args.turns else 0):
+        for _ in range(args.chat_repeats if args.turns else 0):
+            for name in clients:
+                key = chat_key(name, pause)
+                if key not in chats:
+                    continue
                 for attempt in range(args.retries + 1):
                     await load.wait_quiet(args.quiet_below, args.quiet_wait)
                     before = load.snapshot()
