@@ -73,6 +73,16 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "(docs/benchmarks.md, 'Determinism under load')",
     )
     group.add_argument(
+        "--flash-attn",
+        dest="flash_attention",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="llama.cpp's flash attention kernel: faster decode with several sequences (15-50%% per step with 8); "
+        "off, prompt chunks late in a long context prefill up to ~1.5x faster (a chat's next turn) and one sequence "
+        "decodes as fast at up to ~700 tokens of context (default: on; --deterministic turns it off; "
+        "docs/benchmarks.md, 'Turn 6 back to back')",
+    )
+    group.add_argument(
         "--speculative-tokens",
         type=int,
         default=3,
@@ -159,6 +169,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:  # noqa: ANN001
         prefix_cache=args.prefix_cache,
         idle_prefill=args.idle_prefill,
         deterministic=args.deterministic,
+        flash_attention=args.flash_attention,
         speculative_tokens=args.speculative_tokens,
         speculative_ngram=args.speculative_ngram,
     )

@@ -96,6 +96,7 @@ class EngineSettings:
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
     idle_prefill: bool = True  # idle free slots prefill what their sequences generated (prefix_cache.py)
     deterministic: bool = False  # kernels that do not switch with load: output does not depend on it
+    flash_attention: bool = True  # llama.cpp's fused attention kernel (off with `deterministic`)
     speculative_tokens: int = 3  # prompt-lookup guesses checked per step of a lone sequence (0: off)
     speculative_ngram: tuple[int, int] = (2, 4)  # lengths of the history's ending that prompt lookup matches
 
@@ -119,6 +120,7 @@ class ModelRegistry:
                 batch_size=settings.batch_size,
                 threads=settings.threads,
                 deterministic=settings.deterministic,
+                flash_attention=settings.flash_attention,
             )
             grammars = GrammarCompiler(model.vocab, model.vocab_size)
             scheduler = Scheduler(

@@ -104,6 +104,7 @@ class LoadedModel:
         batch_size: int = 512,
         threads: int | None = None,
         deterministic: bool = False,
+        flash_attention: bool = True,
     ) -> None:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
@@ -113,6 +114,7 @@ class LoadedModel:
         self.path = path
         self.max_sequences = max_sequences
         self.deterministic = deterministic
+        self.flash_attention = flash_attention and not deterministic
         self.batch_size = batch_size
 
         model_params = llama_cpp.llama_model_default_params()
@@ -143,12 +145,14 @@ class LoadedModel:
         context_params.kv_unified = False
         context_params.no_perf = True
         # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it. The
-        # CPU flash-attention kernel is faster, but a sequence decoding alone with more than 256
-        # tokens of context takes its split-KV path, and one sharing the step with others does not
-        # (measured: logits differ by ~1); the unfused attention gives identical logits whatever
-        # shares the step, so `deterministic` leaves flash attention off.
+        # CPU flash-attention kernel decodes several sequences faster (15-50 % per 8-row step here),
+        # but a sequence decoding alone with more than 256 tokens of context takes its split-KV path,
+        # and one sharing the step with others does not (measured: logits differ by ~1); the unfused
+        # attention gives identical logits whatever shares the step, so `deterministic` leaves flash
+        # attention off. Off is also faster for prompt chunks far into a context (the tiled flash
+        # kernel was 3x the unfused attention's time there: docs/benchmarks.md, "Turn 6 back to back").
         context_params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if deterministic else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         self.context = llama_cpp.llama_init_from_model(self.model, context_params)
         if not self.context:

@@ -16,7 +16,9 @@ are the pieces after a reused prefix. Two rules, by what was measured:
 - any boundary (the default kernels, `chunk` >= 64): a position gets the same KV from every chunk of
   64 rows or more, wherever the chunk starts (llama.cpp's flash attention takes its tiled path, one
   query row independent of the others, from 64 rows; [0, 256) = [0, 64) + [64, 256) = [0, 100) +
-  [100, 256), bit for bit, where [0, 16) + [16, 256) is not). So a slot offers every prompt position
+  [100, 256), bit for bit, where [0, 16) + [16, 256) is not; with `--no-flash-attn` the unfused
+  attention treats rows alone too, and the tiled matmul starts at 8 rows: chunks of 8, 16, 32, 64,
+  72 or 147 rows all gave the same logits, 2 rows did not). So a slot offers every prompt position
   computed in chunks of >= 64 rows, and a request reuses a prefix only if each piece it still
   prefills has >= 64 rows, or is exactly the cold prefill's short last chunk.
 - whole chunks (`--deterministic`, whose unfused attention was not measured this way, or a smaller
@@ -44,7 +46,8 @@ import numpy as np
 
 
 # GGML_FA_TILE_Q in llama.cpp's CPU backend: flash attention's tiled path takes chunks of this many
-# rows or more (see "Exactness" above).
+# rows or more (see "Exactness" above). Without flash attention fewer rows would do (8), but one
+# rule for both keeps what a slot offers independent of the setting.
 _ANY_BOUNDARY_ROWS = 64
 
 

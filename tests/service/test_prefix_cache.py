@@ -44,8 +44,12 @@ class Choice:
 class Engine:
     """One model with its scheduler, as service.models builds them, with the cache on or off."""
 
-    def __init__(self, *, prefix_cache: bool, slots: int = 3, chunk: int = 256, idle_prefill: bool = False) -> None:
-        self.model = LoadedModel("test", embedded_model_path(), context_per_sequence=1024, max_sequences=slots)
+    def __init__(
+        self, *, prefix_cache: bool, slots: int = 3, chunk: int = 256, idle_prefill: bool = False, flash_attention: bool = True
+    ) -> None:
+        self.model = LoadedModel(
+            "test", embedded_model_path(), context_per_sequence=1024, max_sequences=slots, flash_attention=flash_attention
+        )
         self.scheduler = Scheduler(
             self.model,
             GrammarCompiler(self.model.vocab, self.model.vocab_size),
@@ -111,11 +115,11 @@ def engine_pair():
     """Makes (with the cache, without) of a size, and closes them after the test."""
     made: list[Engine] = []
 
-    def make(*, slots: int = 3, chunk: int = 256, idle_prefill: bool = False) -> tuple[Engine, Engine]:
+    def make(*, slots: int = 3, chunk: int = 256, idle_prefill: bool = False, flash_attention: bool = True) -> tuple[Engine, Engine]:
         # Idle prefill off unless asked for: with it, how much a request reuses depends on how far
         # the idle pieces got before it came (the output never does).
-        made.append(Engine(prefix_cache=True, slots=slots, chunk=chunk, idle_prefill=idle_prefill))
-        made.append(Engine(prefix_cache=False, slots=slots, chunk=chunk))
+        made.append(Engine(prefix_cache=True, slots=slots, chunk=chunk, idle_prefill=idle_prefill, flash_attention=flash_attention))
+        made.append(Engine(prefix_cache=False, slots=slots, chunk=chunk, flash_attention=flash_attention))
         return made[-2], made[-1]
 
     yield make
@@ -225,8 +229,10 @@ def test_n_choices_and_cancelled_requests_stay_identical(engine_pair):
     assert cached.run(prompt, n=2, **seeded) == plain.run(prompt, n=2, **seeded)
 
 
-def test_idle_prefill_lets_the_next_turn_reuse_the_answer(engine_pair):
-    cached, plain = engine_pair(idle_prefill=True)
+@pytest.mark.parametrize("flash_attention", [True, False], ids=["flash-attn", "no-flash-attn"])
+def test_idle_prefill_lets_the_next_turn_reuse_the_answer(flash_attention, engine_pair):
+    cached, plain = engine_pair(idle_prefill=True, flash_attention=flash_attention)
+    assert cached.model.flash_attention is flash_attention
     messages: list[dict] = []
     previous: list[int] | None = None
     for turn in range(3):
@@ -281,3 +287,5 @@ def test_prefix_cache_flag_defaults_on():
     assert parser.parse_args(["serve", "--prefix-cache"]).prefix_cache is True
     assert parser.parse_args(["grpc"]).idle_prefill is True
     assert parser.parse_args(["grpc", "--no-idle-prefill"]).idle_prefill is False
+    assert parser.parse_args(["grpc"]).flash_attention is True
+    assert parser.parse_args(["serve", "--no-flash-attn"]).flash_attention is False
