@@ -77,7 +77,7 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         dest="flash_attention",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="llama.cpp's flash attention kernel: faster decode with several sequences (15-50%% per step with 8); "
+        help="llama.cpp's flash attention kernel: faster decode with several sequences (an 8-row step is 4-20%% slower without it); "
         "off, prompt chunks late in a long context prefill up to ~1.5x faster (a chat's next turn) and one sequence "
         "decodes as fast at up to ~700 tokens of context (default: on; --deterministic turns it off; "
         "docs/benchmarks.md, 'Turn 6 back to back')",

@@ -145,7 +145,7 @@ class LoadedModel:
         context_params.kv_unified = False
         context_params.no_perf = True
         # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it. The
-        # CPU flash-attention kernel decodes several sequences faster (15-50 % per 8-row step here),
+        # CPU flash-attention kernel decodes several sequences faster (an 8-row step 4-20 % here),
         # but a sequence decoding alone with more than 256 tokens of context takes its split-KV path,
         # and one sharing the step with others does not (measured: logits differ by ~1); the unfused
         # attention gives identical logits whatever shares the step, so `deterministic` leaves flash
