@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from service.engine.batch import TokenBatch  # noqa: E402
-from service.engine.model import LoadedModel  # noqa: E402
-from service.models import embedded_model_path  # noqa: E402
+from determinism import decode as timed_decode  # benchmarks/, the script's own folder
+from service.engine.batch import TokenBatch
+from service.engine.model import LoadedModel
+from service.models import embedded_model_path
 
 CHUNK = 256
 SEQUENCES = 8
@@ -47,13 +44,9 @@ class Bench:
         """One llama_decode of runs (sequence, first position, count); its seconds."""
         self.batch.clear()
         for seq, start, count in rows:
+            # A decode step's rows all give logits (speculation samples each); a prompt chunk's last only.
             self.batch.add(seq, self.tokens[start : start + count], start, output_last=True, output_all=count < 8)
-        started = time.perf_counter()
-        status = llama_cpp.llama_decode(self.model.context, self.batch.finish())
-        elapsed = time.perf_counter() - started
-        if status != 0:
-            raise RuntimeError(f"llama_decode returned {status}")
-        return elapsed
+        return timed_decode(self.model.context, self.batch)
 
     def _fill(self, seq: int, length: int) -> float:
         llama_cpp.llama_memory_seq_rm(self.model.memory, seq, -1, -1)
