@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 RUST_SOURCES := $(shell find sampler_ext/src -name '*.rs') sampler_ext/Cargo.toml Cargo.toml Cargo.lock
 PROTO := protos/chatrpc/v1/chat.proto
 
-.PHONY: setup serve test test-rust test-python proto proto-check clean
+.PHONY: setup serve test lint format test-rust test-python proto proto-check clean
 
 setup: $(INSTALLED)
 
@@ -24,7 +24,20 @@ $(INSTALLED): $(PY) pyproject.toml $(RUST_SOURCES)
 serve: setup
 	$(VENV)/bin/chatrpc serve
 
-test: setup proto-check test-rust test-python
+test: setup proto-check lint test-rust test-python
+
+# The project holds itself to its formatters and linters (settings in pyproject.toml; rustfmt and
+# clippy defaults for the crate). `make format` applies the formatters.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	cargo fmt
 
 test-rust:
 	cargo test --release

@@ -22,8 +22,8 @@ import sys
 
 import llama_cpp
 import numpy as np
-
 from determinism import decode as timed_decode  # benchmarks/, the script's own folder
+
 from service.engine.batch import TokenBatch
 from service.engine.model import LoadedModel
 from service.models import embedded_model_path

@@ -37,14 +37,14 @@ SLOTS = 16
 STEP_ROWS = (1, 4, 8, 16)
 
 
-def decode(ctx, batch: TokenBatch) -> float:  # noqa: ANN001 - a llama_context pointer
+def decode(ctx, batch: TokenBatch) -> float:
     start = time.perf_counter()
     if llama_cpp.llama_decode(ctx, batch.finish()) != 0:
         raise RuntimeError("llama_decode failed")
     return time.perf_counter() - start
 
 
-def prefill(ctx, batch: TokenBatch, prompts: list[list[int]], chunk: int = 256) -> list[float]:  # noqa: ANN001
+def prefill(ctx, batch: TokenBatch, prompts: list[list[int]], chunk: int = 256) -> list[float]:
     """Each prompt alone, in chunks; returns the times of the whole chunks."""
     times = []
     for seq, tokens in enumerate(prompts):
@@ -58,7 +58,7 @@ def prefill(ctx, batch: TokenBatch, prompts: list[list[int]], chunk: int = 256) 
     return times
 
 
-def step(ctx, batch: TokenBatch, prompts: list[list[int]], next_tokens: list[int], rows: list[int], vocab: int):  # noqa: ANN001, ANN201
+def step(ctx, batch: TokenBatch, prompts: list[list[int]], next_tokens: list[int], rows: list[int], vocab: int):
     """One decode step of the given sequences, undone afterwards; (seconds, their logits)."""
     batch.clear()
     for seq in rows:
@@ -73,20 +73,33 @@ def step(ctx, batch: TokenBatch, prompts: list[list[int]], next_tokens: list[int
 
 def worker(deterministic: bool, args: argparse.Namespace) -> dict:
     per_sequence = max(1024, args.context + 64)
-    model = LoadedModel("determinism", embedded_model_path(), context_per_sequence=per_sequence, max_sequences=SLOTS,
-                        threads=args.threads, deterministic=deterministic)
+    model = LoadedModel(
+        "determinism",
+        embedded_model_path(),
+        context_per_sequence=per_sequence,
+        max_sequences=SLOTS,
+        threads=args.threads,
+        deterministic=deterministic,
+    )
     ctx, memory, vocab = model.context, model.memory, model.vocab_size
     batch = TokenBatch(512)
     result: dict = {"deltas": {}, "times": {}}
 
     for length, repeat in (("short", 1), ("long", 40)):
-        prompts = [model.tokenize(f"Story number {i}: once upon a time there was a" + " very" * (3 * i + repeat * 7), add_special=True,
-                                  parse_special=False) for i in range(SLOTS)]
+        prompts = [
+            model.tokenize(
+                f"Story number {i}: once upon a time there was a" + " very" * (3 * i + repeat * 7),
+                add_special=True,
+                parse_special=False,
+            )
+            for i in range(SLOTS)
+        ]
         firsts = [int(p[-1]) for p in prompts]  # any next token will do: the same one in every run
         prefill(ctx, batch, prompts)
         alone = np.stack([step(ctx, batch, prompts, firsts, [seq], vocab)[1][0] for seq in range(SLOTS)])
         result["deltas"][length] = [
-            float(np.abs(step(ctx, batch, prompts, firsts, list(range(k)), vocab)[1] - alone[:k]).max()) for k in range(1, SLOTS + 1)
+            float(np.abs(step(ctx, batch, prompts, firsts, list(range(k)), vocab)[1] - alone[:k]).max())
+            for k in range(1, SLOTS + 1)
         ]
         llama_cpp.llama_memory_clear(memory, True)
 
@@ -116,8 +129,18 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"deterministic": [], "fast": []}
     for _ in range(args.rounds):
         for setting in runs:
-            command = [sys.executable, __file__, "--worker", setting, "--threads", str(args.threads),
-                       "--context", str(args.context), "--repeats", str(args.repeats)]
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                setting,
+                "--threads",
+                str(args.threads),
+                "--context",
+                str(args.context),
+                "--repeats",
+                str(args.repeats),
+            ]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             runs[setting].append(json.loads(output.strip().splitlines()[-1]))
 
@@ -126,13 +149,19 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|")
     first = {setting: results[0]["deltas"] for setting, results in runs.items()}
     for k in range(1, SLOTS + 1):
-        cells = [f"{first[setting][length][k - 1]:.3g}" for setting in ("deterministic", "fast") for length in ("short", "long")]
+        cells = [
+            f"{first[setting][length][k - 1]:.3g}"
+            for setting in ("deterministic", "fast")
+            for length in ("short", "long")
+        ]
         print(f"| {k} | " + " | ".join(cells) + " |")
 
     print(f"\nPart 2: median ms over {args.rounds} rounds, context {args.context} tokens, {args.threads} threads\n")
     print("| work | --deterministic | --no-deterministic | ratio |")
     print("|---|---:|---:|---:|")
-    for key, label in [("chunk", "prompt chunk of 256 tokens")] + [(str(k), f"decode step, {k} rows") for k in STEP_ROWS]:
+    for key, label in [("chunk", "prompt chunk of 256 tokens")] + [
+        (str(k), f"decode step, {k} rows") for k in STEP_ROWS
+    ]:
         det = statistics.median(r["times"][key] for r in runs["deterministic"])
         fast = statistics.median(r["times"][key] for r in runs["fast"])
         print(f"| {label} | {det * 1e3:.1f} | {fast * 1e3:.1f} | {det / fast:.3f} |")

@@ -28,22 +28,35 @@ FULL = SamplingParams(
 NEVER_END = {1: -100.0, 106: -100.0, 212: -100.0}
 
 
-def workloads(tokens: int, grammars):  # noqa: ANN001
+def workloads(tokens: int, grammars):
     schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 8}}}}
     json_grammar = grammars.from_json_schema(schema, param="bench")
     return {
         "greedy, 1 stream": (1, SamplingParams(temperature=0.0, logit_bias=NEVER_END), None),
-        "full parameters, 1 stream": (1, SamplingParams(**{**FULL.__dict__, "logit_bias": {**FULL.logit_bias, **NEVER_END}}), None),
+        "full parameters, 1 stream": (
+            1,
+            SamplingParams(**{**FULL.__dict__, "logit_bias": {**FULL.logit_bias, **NEVER_END}}),
+            None,
+        ),
         "full parameters + top-20 logprobs, 4 streams": (
             4,
-            SamplingParams(**{**FULL.__dict__, "logit_bias": {**FULL.logit_bias, **NEVER_END}, "logprobs": True, "top_logprobs": 20}),
+            SamplingParams(
+                **{
+                    **FULL.__dict__,
+                    "logit_bias": {**FULL.logit_bias, **NEVER_END},
+                    "logprobs": True,
+                    "top_logprobs": 20,
+                }
+            ),
             None,
         ),
         "json_schema, 1 stream": (1, SamplingParams(temperature=0.8, seed=2), json_grammar),
     }
 
 
-async def run(scheduler, prompt: list[int], streams: int, sampling: SamplingParams, grammar: str | None, tokens: int) -> None:  # noqa: ANN001
+async def run(
+    scheduler, prompt: list[int], streams: int, sampling: SamplingParams, grammar: str | None, tokens: int
+) -> None:
     generation = Generation(prompt_tokens=prompt, max_new_tokens=tokens, stop=[], sampling=sampling, grammar=grammar)
 
     async def one() -> None:
@@ -61,7 +74,10 @@ def main() -> None:
     registry = ModelRegistry([ModelSpec(DEFAULT_MODEL_ID)], EngineSettings(max_sequences=8, context_per_sequence=1024))
     served = registry.get(DEFAULT_MODEL_ID)
     prompt = served.model.render_prompt([{"role": "user", "content": "Write a long story about a lighthouse keeper."}])
-    print("| workload | llama_decode ms/call | sampling ms/call | masks ms/call | sampling + masks share | generated tok/s |")
+    print(
+        "| workload | llama_decode ms/call | sampling ms/call | masks ms/call "
+        "| sampling + masks share | generated tok/s |"
+    )
     print("|---|---|---|---|---|---|")
     for name, (streams, sampling, grammar) in workloads(args.tokens, served.grammars).items():
         shares, decode_ms, sample_ms, mask_ms, rates = [], [], [], [], []
@@ -79,7 +95,8 @@ def main() -> None:
             rates.append(t.sampled_rows / wall)
         med = statistics.median
         print(
-            f"| {name} | {med(decode_ms):.2f} | {med(sample_ms):.3f} | {med(mask_ms):.3f} | {100 * med(shares):.2f} % | {med(rates):.1f} |"
+            f"| {name} | {med(decode_ms):.2f} | {med(sample_ms):.3f} | {med(mask_ms):.3f} "
+            f"| {100 * med(shares):.2f} % | {med(rates):.1f} |"
         )
     registry.close()
 

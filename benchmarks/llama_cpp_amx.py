@@ -36,7 +36,7 @@ def avoid_amx_extra_buffers() -> bool:
     if getattr(defaults, "avoids_amx", False):
         return True
 
-    def without_extra_buffer_types():  # noqa: ANN202 - llama_model_params
+    def without_extra_buffer_types():
         params = defaults()
         params.use_extra_bufts = False
         return params

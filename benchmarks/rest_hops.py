@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import PROMPTS, GrpcClient, RawHttpClient, Server, chatrpc_command, free_port  # noqa: E402
+from serving import PROMPTS, GrpcClient, RawHttpClient, Server, chatrpc_command, free_port
 
 _CONTROL_FRAME = 17
 _PACKET = re.compile(r"(\d+\.\d+) IP \S+?\.(\d+) > \S+?\.(\d+): tcp (\d+)")
@@ -118,6 +118,7 @@ def report(requests: dict[str, list[dict]]) -> list[str]:
     grpc_by_round = {g["round"]: g for g in grpc}
     pairs = [(r, grpc_by_round[r["round"]]) for r in rest if r["round"] in grpc_by_round]
     for phase in [*phases, "total"]:
+
         def value(request: dict, phase: str = phase) -> float:
             p = request["phases"]
             return sum(p.get(k, 0.0) for k in phases) if phase == "total" else p.get(phase, 0.0)
@@ -131,9 +132,7 @@ def report(requests: dict[str, list[dict]]) -> list[str]:
         # The commonest shape of answer (number of packets), its packets' median times.
         shape = Counter(len(r["sequence"]) for r in requests[name]).most_common(1)[0][0]
         alike = [r["sequence"] for r in requests[name] if len(r["sequence"]) == shape]
-        steps = [
-            f"{alike[0][i][1]} {alike[0][i][2]} B at {median(s[i][0] for s in alike):.2f}" for i in range(shape)
-        ]
+        steps = [f"{alike[0][i][1]} {alike[0][i][2]} B at {median(s[i][0] for s in alike):.2f}" for i in range(shape)]
         lines.append(f"{label} answer ({len(alike)} of {len(requests[name])} requests): " + ", ".join(steps) + " ms")
     return lines
 
@@ -146,7 +145,9 @@ async def main() -> None:
         sys.exit("tcpdump is not installed (apt-get install tcpdump)")
     scratch = Path(tempfile.mkdtemp(prefix="chatrpc-hops-"))
     grpc_port, rest_port = free_port(), free_port()
-    server = Server("chatrpc", chatrpc_command(grpc_port, rest_port, 8), f"http://127.0.0.1:{rest_port}/health", scratch)
+    server = Server(
+        "chatrpc", chatrpc_command(grpc_port, rest_port, 8), f"http://127.0.0.1:{rest_port}/health", scratch
+    )
     dump_path = scratch / "packets.txt"
     try:
         server.wait_ready()
@@ -168,7 +169,9 @@ async def main() -> None:
         server.stop()
     requests = split(marks, read_packets(dump_path), rest_port, grpc_port)
     (scratch / "requests.json").write_text(json.dumps(requests))
-    print(f"{args.rounds} rounds, one-token streaming requests, REST and gRPC in shuffled order (raw data: {scratch})\n")
+    print(
+        f"{args.rounds} rounds, one-token streaming requests, REST and gRPC in shuffled order (raw data: {scratch})\n"
+    )
     print("\n".join(report(requests)))
 
 

@@ -44,9 +44,8 @@ from sampler_ext import BatchSampler
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests" / "sampler_ext"))
-from reference import ReferenceSampler  # noqa: E402
-
 from llama_cpp_amx import avoid_amx_extra_buffers  # noqa: E402 - benchmarks/, the script's own folder
+from reference import ReferenceSampler  # noqa: E402
 
 REAL_LOGITS = HERE / "data" / "gemma3_logits.npy"
 VOCAB_SIZES = [32_000, 128_256, 262_144]
@@ -139,11 +138,15 @@ class LlamaChain:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
             bias = params["logit_bias"]
-            array = (llama_cpp.llama_logit_bias * len(bias))(*[llama_cpp.llama_logit_bias(t, b) for t, b in bias.items()])
+            array = (llama_cpp.llama_logit_bias * len(bias))(
+                *[llama_cpp.llama_logit_bias(t, b) for t, b in bias.items()]
+            )
             self._bias = array
             for sampler in (
                 llama_cpp.llama_sampler_init_logit_bias(vocab_size, len(bias), array),
-                llama_cpp.llama_sampler_init_penalties(vocab_size, 1024, 1.0, params["frequency_penalty"], params["presence_penalty"]),
+                llama_cpp.llama_sampler_init_penalties(
+                    vocab_size, 1024, 1.0, params["frequency_penalty"], params["presence_penalty"]
+                ),
                 llama_cpp.llama_sampler_init_top_p(params["top_p"], 1),
                 llama_cpp.llama_sampler_init_temp(params["temperature"]),
                 llama_cpp.llama_sampler_init_dist(1234),
@@ -156,7 +159,9 @@ class LlamaChain:
         self.ids = np.arange(vocab_size, dtype=np.int32)
         self.array = llama_cpp.llama_token_data_array(
             data=ctypes.cast(self.data.ctypes.data, llama_cpp.llama_token_data_p),
-            size=vocab_size, selected=-1, sorted=False,
+            size=vocab_size,
+            selected=-1,
+            sorted=False,
         )
 
     def sample(self, logits: np.ndarray) -> int:
@@ -223,28 +228,38 @@ def main() -> None:
     args = parser.parse_args()
     ours_n, ref_n, llama_n = (30, 2, 5) if args.quick else (300, 7, 40)
 
-    print(f"# {platform.processor() or platform.machine()}, {platform.python_version()}, numpy {np.__version__}, "
-          f"llama-cpp-python {llama_cpp.__version__}\n")
-    print("| V | case | chatrpc ms | chatrpc, 1 thread ms | numpy reference ms | llama.cpp chain ms "
-          "| vs reference | vs llama.cpp | 1 thread vs llama.cpp |")
+    print(
+        f"# {platform.processor() or platform.machine()}, {platform.python_version()}, numpy {np.__version__}, "
+        f"llama-cpp-python {llama_cpp.__version__}\n"
+    )
+    print(
+        "| V | case | chatrpc ms | chatrpc, 1 thread ms | numpy reference ms | llama.cpp chain ms "
+        "| vs reference | vs llama.cpp | 1 thread vs llama.cpp |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     floors = {}
     for vocab_size in VOCAB_SIZES:
         logits = load_logits(vocab_size)
         # The floor: one read of each row, as numpy's max does it, over the same rows in turn.
-        floors[vocab_size] = median_seconds(lambda i: logits[i % len(logits)].max(), ours_n)
+        floors[vocab_size] = median_seconds(lambda i, rows=logits: rows[i % len(rows)].max(), ours_n)
         for case in CASES:
             ours = time_chatrpc(logits, case, ours_n)
             alone = time_chatrpc(logits, case, ours_n, helper_thread=False)
             reference = time_reference(logits, case, ref_n)
             llama = time_llama(logits, case, llama_n)
             results[vocab_size, case] = ours
-            print(f"| {vocab_size:,} | {case} | {ms(ours)} | {ms(alone)} | {ms(reference)} | {ms(llama)} | "
-                  f"{reference / ours:.0f}x | {llama / ours:.1f}x | {llama / alone:.1f}x |", flush=True)
+            print(
+                f"| {vocab_size:,} | {case} | {ms(ours)} | {ms(alone)} | {ms(reference)} | {ms(llama)} | "
+                f"{reference / ours:.0f}x | {llama / ours:.1f}x | {llama / alone:.1f}x |",
+                flush=True,
+            )
 
-    print("\nOne read of a row (numpy max over the same rows), the floor for greedy: "
-          + ", ".join(f"V = {v:,}: {ms(t)} ms" for v, t in floors.items()) + ".")
+    print(
+        "\nOne read of a row (numpy max over the same rows), the floor for greedy: "
+        + ", ".join(f"V = {v:,}: {ms(t)} ms" for v, t in floors.items())
+        + "."
+    )
 
     vocab_size = VOCAB_SIZES[-1]
     logits = load_logits(vocab_size)
@@ -259,10 +274,12 @@ def main() -> None:
         print(f"| {case} | " + " | ".join(ms(t) for t in row) + " |")
 
     step = decode_step_seconds()
-    print(f"\nOne decode step of the default model, one sequence: {ms(step)} ms (median). Sampling share: "
-          f"greedy {100 * results[vocab_size, 'greedy'] / step:.2f} %, "
-          f"full {100 * results[vocab_size, 'full'] / step:.2f} %, "
-          f"full+top20 {100 * results[vocab_size, 'full+top20'] / step:.2f} %.")
+    print(
+        f"\nOne decode step of the default model, one sequence: {ms(step)} ms (median). Sampling share: "
+        f"greedy {100 * results[vocab_size, 'greedy'] / step:.2f} %, "
+        f"full {100 * results[vocab_size, 'full'] / step:.2f} %, "
+        f"full+top20 {100 * results[vocab_size, 'full+top20'] / step:.2f} %."
+    )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,12 @@ every level, and at one stream only: chatrpc without speculation (`--speculative
 peer with its own prompt-lookup speculation, and the peer with issue 5's flags (its defaults); the
 chat also runs on a chatrpc with `--no-prefix-cache`. It prints markdown tables of the medians over
 `--repeats` (2) rounds and the ratios issue 5 asks about; in each round every target runs in turn,
-as do the chats (one chat per target, `--chat-repeats` times), so that drifting load on a shared machine falls on all of them alike. Before each level (and each chat) the run waits,
-up to `--quiet-wait` seconds, for every other process (the servers too) to leave the CPUs idle, and measures a level again
-(up to `--retries` times) when other processes took more than `--quiet-below` of the CPUs during it:
-llama.cpp's threads wait for each other at every step, so one busy core slows decode many times over.
+as do the chats (one chat per target, `--chat-repeats` times), so that drifting load on a shared
+machine falls on all of them alike. Before each level (and each chat) the run waits, up to
+`--quiet-wait` seconds, for every other process (the servers too) to leave the CPUs idle, and
+measures a level again (up to `--retries` times) when other processes took more than
+`--quiet-below` of the CPUs during it: llama.cpp's threads wait for each other at every step, so
+one busy core slows decode many times over.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -167,8 +170,11 @@ class OpenAIClient:
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.http = httpx.AsyncClient(headers=self.headers, timeout=httpx.Timeout(600, connect=10),
-                                      limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+        self.http = httpx.AsyncClient(
+            headers=self.headers,
+            timeout=httpx.Timeout(600, connect=10),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
 
     def body(self, messages: list[dict], max_tokens: int) -> dict:
         return {
@@ -315,7 +321,11 @@ class RawHttpClient(OpenAIClient):
 class GrpcClient:
     """chatrpc's StreamChatCompletion, called directly."""
 
-    ROLES = {"user": chat_pb2.ROLE_USER, "assistant": chat_pb2.ROLE_ASSISTANT, "system": chat_pb2.ROLE_SYSTEM}
+    ROLES: ClassVar[dict[str, int]] = {
+        "user": chat_pb2.ROLE_USER,
+        "assistant": chat_pb2.ROLE_ASSISTANT,
+        "system": chat_pb2.ROLE_SYSTEM,
+    }
 
     def __init__(self, target: str, model: str = MODEL_ID, api_key: str | None = None) -> None:
         require_loopback(urlsplit(f"//{target}").hostname or "")
@@ -440,16 +450,30 @@ async def run_chat(client, turns: int, max_tokens: int, pause: float = 0.0) -> l
             await asyncio.sleep(pause)
         messages.append({"role": "user", "content": CHAT_TURNS[turn % len(CHAT_TURNS)]})
         result = await client.stream(messages, max_tokens)
-        report.append({"turn": turn + 1, "ok": result.ok, "ttft": result.ttft, "tokens": result.tokens,
-                       "history_chars": sum(len(m["content"]) for m in messages), "error": result.error})
+        report.append(
+            {
+                "turn": turn + 1,
+                "ok": result.ok,
+                "ttft": result.ttft,
+                "tokens": result.tokens,
+                "history_chars": sum(len(m["content"]) for m in messages),
+                "error": result.error,
+            }
+        )
         if not result.ok:
             break
         messages.append({"role": "assistant", "content": result.text})
     return report
 
 
-async def rest_overhead(rest_url: str, grpc_client: GrpcClient, rest_httpx: OpenAIClient, pairs: int,
-                        load: ForeignLoad, args: argparse.Namespace) -> dict:
+async def rest_overhead(
+    rest_url: str,
+    grpc_client: GrpcClient,
+    rest_httpx: OpenAIClient,
+    pairs: int,
+    load: ForeignLoad,
+    args: argparse.Namespace,
+) -> dict:
     """Latency of one-token requests through REST and directly through gRPC, interleaved.
 
     Each round sends one request by each path, in an order shuffled from round to round (a fixed
@@ -633,7 +657,7 @@ def peer_command(port: int, model_path: str, threads: int) -> list[str]:
 def lookup_peer_command(port: int, model_path: str, threads: int) -> list[str]:
     # Its own speculative decoding, prompt lookup as chatrpc's (with its default of 10 guesses; it
     # computes logits for every prompt token then).
-    return peer_command(port, model_path, threads) + ["--draft_model", "prompt-lookup-decoding"]
+    return [*peer_command(port, model_path, threads), "--draft_model", "prompt-lookup-decoding"]
 
 
 def issue_peer_command(port: int, model_path: str) -> list[str]:
@@ -652,15 +676,22 @@ def requests_for(level: int, args: argparse.Namespace) -> int:
     return args.requests or DEFAULT_REQUESTS.get(level, 2 * level)
 
 
-async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace, *, only_levels: dict | None = None,
-                  chat_with: list[str] | None = None) -> dict:
+async def measure(
+    clients: dict,
+    load: ForeignLoad,
+    args: argparse.Namespace,
+    *,
+    only_levels: dict | None = None,
+    chat_with: list[str] | None = None,
+) -> dict:
     """`repeats` rounds; in each, every target runs every level (or those of `only_levels`, by
     target); then one chat per target (or per target of `chat_with`)."""
     only_levels = only_levels or {}
     target_levels = {name: [lv for lv in args.levels if lv in only_levels.get(name, args.levels)] for name in clients}
     levels: dict = {name: {level: [] for level in target_levels[name]} for name in clients}
-    chats: dict = {chat_key(name, pause): [] for pause in args.pauses for name in clients
-                   if chat_with is None or name in chat_with}
+    chats: dict = {
+        chat_key(name, pause): [] for pause in args.pauses for name in clients if chat_with is None or name in chat_with
+    }
     for client in clients.values():  # warm-up: connections, the first allocations
         await client.stream([{"role": "user", "content": PROMPTS[0]}], 8)
     for round_index in range(args.repeats):
@@ -678,10 +709,12 @@ async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace, *,
                         break
                     log(f"round {round_index + 1} {name:>16} c={level:<2} other load {result.foreign_load:.0%}: again")
                 levels[name][level].append(result)
-                log(f"round {round_index + 1} {name:>16} c={level:<2} {result.aggregate_rate:5.1f} tok/s, "
+                log(
+                    f"round {round_index + 1} {name:>16} c={level:<2} {result.aggregate_rate:5.1f} tok/s, "
                     f"{result.stream_rate:5.1f} per stream, TTFT p50 {result.ttft_p50 * 1e3:5.0f} ms, "
                     f"other load {result.foreign_load:4.0%}, errors {result.errors}"
-                    + (f" {result.error_samples}" if result.errors else ""))
+                    + (f" {result.error_samples}" if result.errors else "")
+                )
     # The chats of all targets take turns (one each, then the next round), so that a slow spell of
     # the machine (one llama_decode of the same rows took 1.5x as long in one chat as in the next)
     # falls on every target alike rather than on one target's consecutive chats: turn 6's ratio
@@ -697,8 +730,11 @@ async def measure(clients: dict, load: ForeignLoad, args: argparse.Namespace, *,
                     before = load.snapshot()
                     chat = await run_chat(clients[name], args.turns, args.max_tokens, pause)
                     share = load.since(before)
-                    log(f"chat {key:>16} TTFT ms: " + " ".join(f"{t['ttft'] * 1e3:.0f}" for t in chat)
-                        + (f", other load {share:.0%}" if load.knows_servers else ""))
+                    log(
+                        f"chat {key:>16} TTFT ms: "
+                        + " ".join(f"{t['ttft'] * 1e3:.0f}" for t in chat)
+                        + (f", other load {share:.0%}" if load.knows_servers else "")
+                    )
                     if not load.knows_servers or share < args.quiet_below or attempt == args.retries:
                         break
                 chats[key].append(chat)
@@ -725,8 +761,10 @@ def level_table(levels: dict) -> list[str]:
     ]
     for name, by_level in levels.items():
         for level, results in by_level.items():
-            m = {key: median_of(results, key) for key in
-                 ("aggregate_rate", "stream_rate", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95")}
+            m = {
+                key: median_of(results, key)
+                for key in ("aggregate_rate", "stream_rate", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95")
+            }
             errors = sum(r.errors for r in results)
             lines.append(
                 f"| {name} | {level} | {results[0].requests} × {len(results)} | {m['aggregate_rate']:.1f} "
@@ -746,8 +784,10 @@ def chat_table(chats: dict) -> list[str]:
     if not names:
         return []
     turns = max(len(run) for runs in chats.values() for run in runs)
-    lines = ["| turn | history chars | " + " | ".join(f"{n} TTFT ms" for n in names) + " |",
-             "|---:|---:|" + "---:|" * len(names)]
+    lines = [
+        "| turn | history chars | " + " | ".join(f"{n} TTFT ms" for n in names) + " |",
+        "|---:|---:|" + "---:|" * len(names),
+    ]
     for turn in range(turns):
         cells = []
         for name in names:
@@ -760,7 +800,11 @@ def chat_table(chats: dict) -> list[str]:
 
 def ratio_lines(results: dict) -> list[str]:
     """One stream's aggregate tok/s of each chatrpc target over each peer's; turn 6 with and without the cache."""
-    one = {name: median_of(by_level[1], "aggregate_rate") for name, by_level in results["levels"].items() if by_level.get(1)}
+    one = {
+        name: median_of(by_level[1], "aggregate_rate")
+        for name, by_level in results["levels"].items()
+        if by_level.get(1)
+    }
     ours = [name for name in one if name.startswith("chatrpc")]
     peers = [name for name in one if not name.startswith("chatrpc")]
     lines = ["One stream, aggregate tok/s over the peer's (medians):", ""]
@@ -774,8 +818,10 @@ def ratio_lines(results: dict) -> list[str]:
         for name in ("chatrpc REST", "chatrpc gRPC"):
             if last.get(chat_key(name, pause)):
                 on = statistics.median(last[chat_key(name, pause)])
-                lines.append(f"- last turn's TTFT, {chat_key(name, pause)} / {chat_key(NO_CACHE, pause)}: "
-                             f"{on * 1e3:.0f} / {off * 1e3:.0f} ms = {on / off:.2f}x")
+                lines.append(
+                    f"- last turn's TTFT, {chat_key(name, pause)} / {chat_key(NO_CACHE, pause)}: "
+                    f"{on * 1e3:.0f} / {off * 1e3:.0f} ms = {on / off:.2f}x"
+                )
     return lines
 
 
@@ -788,13 +834,18 @@ def machine() -> str:
                 break
     import llama_cpp
 
-    return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-            f"llama-cpp-python {llama_cpp.__version__}, {datetime.date.today().isoformat()}")
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+        f"llama-cpp-python {llama_cpp.__version__}, {datetime.date.today().isoformat()}"
+    )
 
 
 async def run_single(args: argparse.Namespace) -> dict:
-    client = OpenAIClient(args.openai_url, args.model, args.api_key) if args.openai_url else \
-        GrpcClient(args.grpc, args.model, args.api_key)
+    client = (
+        OpenAIClient(args.openai_url, args.model, args.api_key)
+        if args.openai_url
+        else GrpcClient(args.grpc, args.model, args.api_key)
+    )
     try:
         # The server is idle between levels, so its CPU use then counts as foreign: wait_quiet still works.
         load = ForeignLoad([os.getpid()], knows_servers=False)
@@ -813,8 +864,12 @@ async def run_compare(args: argparse.Namespace) -> dict:
 
     def chatrpc(name: str, *flags: str) -> Server:
         grpc_port, rest_port = ports[name]
-        return Server(name, chatrpc_command(grpc_port, rest_port, args.parallel, *flags),
-                      f"http://127.0.0.1:{rest_port}/health", log_dir)
+        return Server(
+            name,
+            chatrpc_command(grpc_port, rest_port, args.parallel, *flags),
+            f"http://127.0.0.1:{rest_port}/health",
+            log_dir,
+        )
 
     servers = [
         chatrpc("chatrpc"),
@@ -848,11 +903,21 @@ async def run_compare(args: argparse.Namespace) -> dict:
         # Speculation serves a lone sequence only, and the peer with its own defaults interrupts a
         # running request for a new one: their side targets run one stream.
         one_stream = {name: [1] for name in (NO_SPEC_REST, NO_SPEC_GRPC, LOOKUP_PEER, ISSUE_PEER)}
-        results = await measure(clients, load, args, only_levels={**one_stream, NO_CACHE: []},
-                                chat_with=["chatrpc REST", "chatrpc gRPC", NO_CACHE, "llama-cpp-python"])
+        results = await measure(
+            clients,
+            load,
+            args,
+            only_levels={**one_stream, NO_CACHE: []},
+            chat_with=["chatrpc REST", "chatrpc gRPC", NO_CACHE, "llama-cpp-python"],
+        )
         results["rest_overhead"] = await rest_overhead(
-            f"http://127.0.0.1:{rest_port}/v1", clients["chatrpc gRPC"], clients["chatrpc REST"], args.overhead_pairs,
-            load, args)
+            f"http://127.0.0.1:{rest_port}/v1",
+            clients["chatrpc gRPC"],
+            clients["chatrpc REST"],
+            args.overhead_pairs,
+            load,
+            args,
+        )
         return results
     finally:
         for client in clients.values():
@@ -866,14 +931,16 @@ async def run_rest_overhead(args: argparse.Namespace) -> dict:
     """Only the REST overhead, against a chatrpc started for it (a minute instead of --compare's 12)."""
     log_dir = Path(tempfile.mkdtemp(prefix="chatrpc-serving-"))
     grpc_port, rest_port = free_port(), free_port()
-    server = Server("chatrpc", chatrpc_command(grpc_port, rest_port, args.parallel),
-                    f"http://127.0.0.1:{rest_port}/health", log_dir)
+    server = Server(
+        "chatrpc", chatrpc_command(grpc_port, rest_port, args.parallel), f"http://127.0.0.1:{rest_port}/health", log_dir
+    )
     rest, grpc_client = OpenAIClient(f"http://127.0.0.1:{rest_port}/v1"), GrpcClient(f"127.0.0.1:{grpc_port}")
     try:
         server.wait_ready()
         load = ForeignLoad([os.getpid(), server.process.pid], knows_servers=True)
         overhead = await rest_overhead(
-            f"http://127.0.0.1:{rest_port}/v1", grpc_client, rest, args.overhead_pairs, load, args)
+            f"http://127.0.0.1:{rest_port}/v1", grpc_client, rest, args.overhead_pairs, load, args
+        )
         return {"levels": {}, "chats": {}, "rest_overhead": overhead}
     finally:
         await rest.close()
@@ -887,31 +954,53 @@ def main() -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--openai-url", help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     target.add_argument("--grpc", help="chatrpc's gRPC target, e.g. 127.0.0.1:50051")
-    target.add_argument("--compare", action="store_true",
-                        help="start chatrpc and llama-cpp-python's server, measure both")
-    target.add_argument("--rest-overhead", action="store_true",
-                        help="start chatrpc and measure only the REST overhead")
-    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=list(LEVELS),
-                        help="concurrency levels (default: 1,4,8,16)")
-    parser.add_argument("--requests", type=int, default=0,
-                        help=f"requests per level (default, level: requests: {DEFAULT_REQUESTS})")
+    target.add_argument(
+        "--compare", action="store_true", help="start chatrpc and llama-cpp-python's server, measure both"
+    )
+    target.add_argument("--rest-overhead", action="store_true", help="start chatrpc and measure only the REST overhead")
+    parser.add_argument(
+        "--levels",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=list(LEVELS),
+        help="concurrency levels (default: 1,4,8,16)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=0, help=f"requests per level (default, level: requests: {DEFAULT_REQUESTS})"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the tables show medians (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
     parser.add_argument("--turns", type=int, default=6, help="turns of the multi-turn chat, 0 for none (default: 6)")
     parser.add_argument("--chat-repeats", type=int, default=1, help="chats per target and pause (default: 1)")
-    parser.add_argument("--pauses", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 2.0],
-                        help="seconds between an answer and the next turn, one chat series each (default: 0,2)")
-    parser.add_argument("--quiet-below", type=float, default=0.1,
-                        help="before a level, wait until other processes use less than this share of the CPUs, "
-                             "and measure it again if they used more during it (default: 0.1)")
-    parser.add_argument("--quiet-wait", type=float, default=60,
-                        help="wait no longer than this, in seconds (default: 60)")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="measurements of a level or chat again when others loaded the machine (default: 2)")
+    parser.add_argument(
+        "--pauses",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.0, 2.0],
+        help="seconds between an answer and the next turn, one chat series each (default: 0,2)",
+    )
+    parser.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.1,
+        help="before a level, wait until other processes use less than this share of the CPUs, "
+        "and measure it again if they used more during it (default: 0.1)",
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=60, help="wait no longer than this, in seconds (default: 60)"
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="measurements of a level or chat again when others loaded the machine (default: 2)",
+    )
     parser.add_argument("--cap", type=float, default=120, help="seconds a level may start requests (default: 120)")
     parser.add_argument("--parallel", type=int, default=8, help="chatrpc's --parallel in --compare (default: 8)")
-    parser.add_argument("--overhead-pairs", type=int, default=300,
-                        help="rounds of the REST overhead in --compare and --rest-overhead (default: 300)")
+    parser.add_argument(
+        "--overhead-pairs",
+        type=int,
+        default=300,
+        help="rounds of the REST overhead in --compare and --rest-overhead (default: 300)",
+    )
     parser.add_argument("--model", default=MODEL_ID, help=f"model id to request (default: {MODEL_ID})")
     parser.add_argument("--api-key", help="bearer key, if the server wants one")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -931,17 +1020,23 @@ def main() -> None:
         print("\n" + "\n".join(ratio_lines(results)))
     if "rest_overhead" in results:
         o = results["rest_overhead"]
-        print(f"\nREST overhead, one-token streaming requests, {o['pairs']} rounds interleaved "
-              f"(other load {o['foreign_load']:.0%}):\n")
+        print(
+            f"\nREST overhead, one-token streaming requests, {o['pairs']} rounds interleaved "
+            f"(other load {o['foreign_load']:.0%}):\n"
+        )
         print("| REST client | REST p50 ms | gRPC p50 ms | p50 difference ms | median of per-round differences ms |")
         print("|---|---:|---:|---:|---:|")
         for label, suffix in (("raw HTTP/1.1 (httptools)", ""), ("aiohttp", "_aiohttp"), ("httpx", "_httpx")):
-            print(f"| {label} | {o[f'rest{suffix}_p50'] * 1e3:.1f} | {o['grpc_p50'] * 1e3:.1f} | "
-                  f"{o[f'overhead{suffix}_p50'] * 1e3:+.2f} | {o[f'overhead{suffix}_paired'] * 1e3:+.2f} |")
+            print(
+                f"| {label} | {o[f'rest{suffix}_p50'] * 1e3:.1f} | {o['grpc_p50'] * 1e3:.1f} | "
+                f"{o[f'overhead{suffix}_p50'] * 1e3:+.2f} | {o[f'overhead{suffix}_paired'] * 1e3:+.2f} |"
+            )
     print(f"\n(run took {time.monotonic() - started:.0f} s)")
     if args.json:
-        levels = {name: {level: [asdict(r) for r in runs] for level, runs in by_level.items()}
-                  for name, by_level in results["levels"].items()}
+        levels = {
+            name: {level: [asdict(r) for r in runs] for level, runs in by_level.items()}
+            for name, by_level in results["levels"].items()
+        }
         record = {**results, "levels": levels, "machine": machine(), "argv": sys.argv}
         args.json.write_text(json.dumps(record, indent=1))
 

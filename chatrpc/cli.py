@@ -21,17 +21,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_flag: str) -> None:
     group = parser.add_argument_group("gRPC service")
-    group.add_argument(host_flag, dest="grpc_host", default="127.0.0.1", help="address the gRPC server listens on (default: %(default)s)")
-    group.add_argument(port_flag, dest="grpc_port", type=int, default=50051, help="port of the gRPC server (default: %(default)s)")
+    group.add_argument(
+        host_flag,
+        dest="grpc_host",
+        default="127.0.0.1",
+        help="address the gRPC server listens on (default: %(default)s)",
+    )
+    group.add_argument(
+        port_flag, dest="grpc_port", type=int, default=50051, help="port of the gRPC server (default: %(default)s)"
+    )
     group.add_argument(
         "--model",
         dest="models",
         action="append",
         default=[],
         metavar="ID=PATH",
-        help="serve the GGUF file PATH as model ID; repeatable. PATH '@embedded' is the embedded GGUF. Append ',tools=off' "
-        "and/or ',json=off' to refuse tools or JSON response formats on that model. The embedded gemma-3-270m is "
-        "served too unless --no-default-model",
+        help="serve the GGUF file PATH as model ID; repeatable. PATH '@embedded' is the embedded GGUF. Append "
+        "',tools=off' and/or ',json=off' to refuse tools or JSON response formats on that model. The embedded "
+        "gemma-3-270m is served too unless --no-default-model",
     )
     group.add_argument("--no-default-model", action="store_true", help="do not serve the embedded gemma-3-270m")
     group.add_argument(
@@ -40,9 +47,15 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "Clients send 'authorization: Bearer KEY'. With no keys the server is open and binds loopback only",
     )
     group.add_argument("--insecure", action="store_true", help="allow a non-loopback address without API keys")
-    group.add_argument("--ctx-size", type=int, default=4096, help="context length of each sequence in tokens (default: %(default)s)")
-    group.add_argument("--parallel", type=int, default=8, help="sequences generated at once per model (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=512, help="most tokens in one decode step (default: %(default)s)")
+    group.add_argument(
+        "--ctx-size", type=int, default=4096, help="context length of each sequence in tokens (default: %(default)s)"
+    )
+    group.add_argument(
+        "--parallel", type=int, default=8, help="sequences generated at once per model (default: %(default)s)"
+    )
+    group.add_argument(
+        "--batch-size", type=int, default=512, help="most tokens in one decode step (default: %(default)s)"
+    )
     group.add_argument(
         "--prefill-chunk",
         type=int,
@@ -67,20 +80,18 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     group.add_argument(
         "--deterministic",
         action="store_true",
-        help="make a request's greedy or seeded output independent of how many others share its decode steps: "
-        "llama.cpp's tiled K-quant matmul (used from 8 rows on) and flash attention (whose split-KV path serves one "
-        "sequence alone past 256 tokens of context) stay off; costs ~8-12%% of decode and ~28%% of prefill speed "
-        "(docs/benchmarks.md, 'Determinism under load')",
+        help="make a request's greedy or seeded output independent of what else shares its decode steps: the "
+        "llama.cpp kernels that switch with a batch's shape (the tiled K-quant matmul, flash attention) stay off, "
+        "which slows decode and prefill (docs/engine.md, 'Determinism'; docs/benchmarks.md measures the cost)",
     )
     group.add_argument(
         "--flash-attn",
         dest="flash_attention",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="llama.cpp's flash attention kernel: faster decode with several sequences (an 8-row step is 4-20%% slower without it); "
-        "off, prompt chunks late in a long context prefill up to ~1.5x faster (a chat's next turn) and one sequence "
-        "decodes as fast at up to ~700 tokens of context (default: on; --deterministic turns it off; "
-        "docs/benchmarks.md, 'Turn 6 back to back')",
+        help="llama.cpp's flash attention kernel: faster decode steps of several sequences; off, prompt chunks far "
+        "into a long context (a chat's next turn) prefill faster (default: on; --deterministic turns it off; "
+        "docs/engine.md, 'Flash attention')",
     )
     group.add_argument(
         "--speculative-tokens",
@@ -98,10 +109,19 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         metavar="MIN,MAX",
         help="lengths of the history's ending that prompt lookup searches for, longest first (default: 2,4)",
     )
-    group.add_argument("--max-n", type=int, default=8, help="the largest 'n' (choices per request) accepted (default: %(default)s)")
-    group.add_argument("--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)")
+    group.add_argument(
+        "--max-n", type=int, default=8, help="the largest 'n' (choices per request) accepted (default: %(default)s)"
+    )
+    group.add_argument(
+        "--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)"
+    )
     group.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores)")
-    group.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
+    group.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds in-flight calls get to finish on shutdown (default: %(default)s)",
+    )
 
 
 def _ngram_range(text: str) -> tuple[int, int]:
@@ -116,12 +136,21 @@ def _ngram_range(text: str) -> tuple[int, int]:
 
 def _add_rest_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_flag: str) -> None:
     group = parser.add_argument_group("REST adapter")
-    group.add_argument(host_flag, dest="rest_host", default="127.0.0.1", help="address the REST adapter listens on (default: %(default)s)")
-    group.add_argument(port_flag, dest="rest_port", type=int, default=8000, help="port of the REST adapter (default: %(default)s)")
+    group.add_argument(
+        host_flag,
+        dest="rest_host",
+        default="127.0.0.1",
+        help="address the REST adapter listens on (default: %(default)s)",
+    )
+    group.add_argument(
+        port_flag, dest="rest_port", type=int, default=8000, help="port of the REST adapter (default: %(default)s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatrpc", description="A self-hosted Chat Completions server on local GGUF models.")
+    parser = argparse.ArgumentParser(
+        prog="chatrpc", description="A self-hosted Chat Completions server on local GGUF models."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gRPC service and the REST adapter together")
@@ -136,8 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     rest = commands.add_parser("rest", help="run the REST adapter alone, in front of a gRPC service")
     _add_common(rest)
     _add_rest_flags(rest, host_flag="--host", port_flag="--port")
-    rest.add_argument("--upstream", default="127.0.0.1:50051", metavar="HOST:PORT", help="the gRPC service (default: %(default)s)")
-    rest.add_argument("--insecure", action="store_true", help="allow a non-loopback address in front of a service that needs no key")
+    rest.add_argument(
+        "--upstream", default="127.0.0.1:50051", metavar="HOST:PORT", help="the gRPC service (default: %(default)s)"
+    )
+    rest.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address in front of a service that needs no key"
+    )
     return parser
 
 
@@ -147,7 +180,7 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("llama.cpp").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
-def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:  # noqa: ANN001
+def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
     from service.auth import keys_from_environment
     from service.models import DEFAULT_MODEL_ID, EngineSettings, ModelRegistry, ModelSpec
     from service.server import GrpcServerConfig, check_bind_is_safe, serve

@@ -40,9 +40,7 @@ class SequenceSampler:
             top_logprobs: in ``[0, 20]``, how many of the most likely tokens ``sample`` reports.
         """
 
-    def sample(
-        self, logits: numpy.typing.NDArray[numpy.float32]
-    ) -> tuple[int, float, list[tuple[int, float]]]:
+    def sample(self, logits: numpy.typing.NDArray[numpy.float32]) -> tuple[int, float, list[tuple[int, float]]]:
         """Chooses the next token and records it in the history.
 
         Args:

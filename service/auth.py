@@ -63,18 +63,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: Iterable[str]) -> None:
         self._checker = ApiKeyChecker(keys)
 
-        async def refuse(request, context):  # noqa: ANN001 - gRPC handler signature
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer <key>'.")
+        async def refuse(request, context):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer <key>'."
+            )
 
         self._refuse_unary = grpc.unary_unary_rpc_method_handler(refuse)
 
-        async def refuse_stream(request, context):  # noqa: ANN001
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer <key>'.")
+        async def refuse_stream(request, context):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer <key>'."
+            )
             yield  # pragma: no cover - makes this an async generator
 
         self._refuse_stream = grpc.unary_stream_rpc_method_handler(refuse_stream)
 
-    async def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(_OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)

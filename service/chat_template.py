@@ -69,7 +69,7 @@ class ChatTemplate:
         self._eos_token = eos_token
 
     @classmethod
-    def for_model(cls, embedded: str | None, architecture: str, *, bos_token: str, eos_token: str) -> "ChatTemplate":
+    def for_model(cls, embedded: str | None, architecture: str, *, bos_token: str, eos_token: str) -> ChatTemplate:
         """The model's own template, else the built-in one for its architecture."""
         source = embedded or BUILTIN_TEMPLATES.get(architecture)
         if source is None:
@@ -79,7 +79,11 @@ class ChatTemplate:
         return cls(source, bos_token=bos_token, eos_token=eos_token)
 
     def render(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
     ) -> str:
         try:
             return self._template.render(

@@ -82,4 +82,7 @@ class ChoiceOutput:
 
 
 def tool_call_messages(calls: list[ParsedCall]) -> list[chat_pb2.ToolCall]:
-    return [chat_pb2.ToolCall(id=c.id, type="function", function=chat_pb2.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+    return [
+        chat_pb2.ToolCall(id=c.id, type="function", function=chat_pb2.FunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]

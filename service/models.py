@@ -45,10 +45,10 @@ class ModelSpec:
 
     model_id: str
     path: Path | None = None
-    capabilities: Capabilities = Capabilities()
+    capabilities: Capabilities = field(default_factory=Capabilities)
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> ModelSpec:
         """`ID=PATH[,tools=off][,json=off]`, as given to --model; PATH `@embedded` is the embedded GGUF."""
         model_id, sep, rest = text.partition("=")
         path, *options = rest.split(",")

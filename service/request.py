@@ -139,7 +139,7 @@ def _message_text(index: int, message: chat_pb2.ChatMessage) -> str | None:
     return None
 
 
-def struct_to_python(struct) -> dict[str, Any]:  # noqa: ANN001 - google.protobuf.Struct
+def struct_to_python(struct) -> dict[str, Any]:
     """A Struct as plain Python; whole numbers come back as ints (Struct stores every number as a double)."""
 
     def restore(value: Any) -> Any:
@@ -154,7 +154,7 @@ def struct_to_python(struct) -> dict[str, Any]:  # noqa: ANN001 - google.protobu
     return restore(json_format.MessageToDict(struct))
 
 
-def check_messages(messages) -> list[dict[str, Any]]:  # noqa: ANN001 - a repeated proto field
+def check_messages(messages) -> list[dict[str, Any]]:
     """The messages as the chat template takes them (OpenAI's shape, content as text)."""
     if not messages:
         raise InvalidArgument("messages", "'messages' must hold at least one message.")
@@ -162,7 +162,9 @@ def check_messages(messages) -> list[dict[str, Any]]:  # noqa: ANN001 - a repeat
     for i, message in enumerate(messages):
         role = _ROLE_NAMES.get(message.role)
         if role is None:
-            raise InvalidArgument(f"messages[{i}].role", "Each message needs a role: system, developer, user, assistant or tool.")
+            raise InvalidArgument(
+                f"messages[{i}].role", "Each message needs a role: system, developer, user, assistant or tool."
+            )
         if message.tool_calls and role != "assistant":
             raise InvalidArgument(f"messages[{i}].tool_calls", "Only assistant messages carry tool_calls.")
         text = _message_text(i, message)
@@ -175,14 +177,24 @@ def check_messages(messages) -> list[dict[str, Any]]:  # noqa: ANN001 - a repeat
             entry["name"] = message.name
         if role == "tool":
             if not message.tool_call_id:
-                raise InvalidArgument(f"messages[{i}].tool_call_id", "A tool message needs the 'tool_call_id' it answers.")
+                raise InvalidArgument(
+                    f"messages[{i}].tool_call_id", "A tool message needs the 'tool_call_id' it answers."
+                )
             entry["tool_call_id"] = message.tool_call_id
         if message.tool_calls:
             calls = []
             for j, call in enumerate(message.tool_calls):
                 if not call.id or not call.function.name:
-                    raise InvalidArgument(f"messages[{i}].tool_calls[{j}]", "A tool call needs an id and a function name.")
-                calls.append({"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}})
+                    raise InvalidArgument(
+                        f"messages[{i}].tool_calls[{j}]", "A tool call needs an id and a function name."
+                    )
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": call.function.arguments},
+                    }
+                )
             entry["tool_calls"] = calls
         rendered.append(entry)
     return rendered
@@ -200,9 +212,14 @@ def check_response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, 
     if response_format.type == chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
         spec = response_format.json_schema
         if not response_format.HasField("json_schema") or not spec.name:
-            raise InvalidArgument("response_format.json_schema.name", "'response_format' of type 'json_schema' needs json_schema.name.")
+            raise InvalidArgument(
+                "response_format.json_schema.name", "'response_format' of type 'json_schema' needs json_schema.name."
+            )
         if not re.match(r"^[A-Za-z0-9_-]{1,64}$", spec.name):
-            raise InvalidArgument("response_format.json_schema.name", f"Invalid schema name {spec.name!r}: use 1 to 64 letters, digits, underscores or dashes.")
+            raise InvalidArgument(
+                "response_format.json_schema.name",
+                f"Invalid schema name {spec.name!r}: use 1 to 64 letters, digits, underscores or dashes.",
+            )
         return struct_to_python(spec.schema) if spec.HasField("schema") else {}
     raise InvalidArgument("response_format", "'response_format' needs a type: text, json_object or json_schema.")
 
@@ -212,10 +229,14 @@ def check_tools(request: chat_pb2.ChatCompletionRequest) -> tuple[list[ToolSpec]
     tools = []
     for i, tool in enumerate(request.tools):
         if tool.type != "function":
-            raise InvalidArgument(f"tools[{i}].type", f"Only tools of type 'function' are supported, got {tool.type!r}.")
+            raise InvalidArgument(
+                f"tools[{i}].type", f"Only tools of type 'function' are supported, got {tool.type!r}."
+            )
         function = tool.function
         parameters = struct_to_python(function.parameters) if function.HasField("parameters") else None
-        tools.append(check_tool(i, function.name, function.description if function.HasField("description") else None, parameters))
+        tools.append(
+            check_tool(i, function.name, function.description if function.HasField("description") else None, parameters)
+        )
     names = [tool.name for tool in tools]
     if len(set(names)) != len(names):
         raise InvalidArgument("tools", "Function names in 'tools' must be unique.")
@@ -227,7 +248,9 @@ def check_tools(request: chat_pb2.ChatCompletionRequest) -> tuple[list[ToolSpec]
         if which == "function_name":
             mode, name = "function", choice.function_name
             if name not in names:
-                raise InvalidArgument("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'.")
+                raise InvalidArgument(
+                    "tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'."
+                )
         elif choice.mode == chat_pb2.TOOL_CHOICE_MODE_NONE:
             mode = "none"
         elif choice.mode in (chat_pb2.TOOL_CHOICE_MODE_AUTO, chat_pb2.TOOL_CHOICE_MODE_REQUIRED):
@@ -239,7 +262,9 @@ def check_tools(request: chat_pb2.ChatCompletionRequest) -> tuple[list[ToolSpec]
     parallel = True
     if request.HasField("parallel_tool_calls"):
         if not tools:
-            raise InvalidArgument("parallel_tool_calls", "'parallel_tool_calls' is only allowed when 'tools' are given.")
+            raise InvalidArgument(
+                "parallel_tool_calls", "'parallel_tool_calls' is only allowed when 'tools' are given."
+            )
         parallel = request.parallel_tool_calls
     return tools, mode, name, parallel
 
@@ -265,7 +290,9 @@ def check_parameters(
     top_logprobs = 0
     if request.HasField("top_logprobs"):
         if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidArgument("top_logprobs", f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}.")
+            raise InvalidArgument(
+                "top_logprobs", f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}."
+            )
         if not logprobs:
             raise InvalidArgument("top_logprobs", "'top_logprobs' needs 'logprobs' set to true.")
         top_logprobs = request.top_logprobs
@@ -348,17 +375,21 @@ class Capabilities:
 
 
 def build_generation(
-    checked: CheckedRequest, model: "LoadedModel", capabilities: Capabilities, grammars: "GrammarCompiler"
+    checked: CheckedRequest, model: LoadedModel, capabilities: Capabilities, grammars: GrammarCompiler
 ) -> Generation:
     """The checks that need the model: its capabilities, token ids in its vocabulary, prompt and budget
     in its context, and the grammar the output must follow."""
     if checked.json_schema is not None and not capabilities.json:
-        raise InvalidArgument("response_format", f"The model '{model.model_id}' does not support JSON response formats.")
+        raise InvalidArgument(
+            "response_format", f"The model '{model.model_id}' does not support JSON response formats."
+        )
     if checked.tools and not capabilities.tools:
         raise InvalidArgument("tools", f"The model '{model.model_id}' does not support tools.")
     for token in checked.sampling.logit_bias:
         if not 0 <= token < model.vocab_size:
-            raise InvalidArgument("logit_bias", f"Token id {token} in 'logit_bias' is not in the vocabulary [0, {model.vocab_size}).")
+            raise InvalidArgument(
+                "logit_bias", f"Token id {token} in 'logit_bias' is not in the vocabulary [0, {model.vocab_size})."
+            )
     grammar = None
     if checked.forces_tool_call:
         schema = forced_call_schema(checked.tools, only=checked.tool_name, parallel=checked.parallel_tool_calls)
@@ -370,7 +401,8 @@ def build_generation(
     if len(prompt_tokens) >= context:
         raise InvalidArgument(
             "messages",
-            f"This model's maximum context length is {context} tokens, but the messages take {len(prompt_tokens)} tokens.",
+            f"This model's maximum context length is {context} tokens, "
+            f"but the messages take {len(prompt_tokens)} tokens.",
         )
     room = context - len(prompt_tokens)
     if checked.max_tokens is not None and checked.max_tokens > room:

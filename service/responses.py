@@ -28,8 +28,13 @@ class CompletionHeader:
     system_fingerprint: str
 
     @classmethod
-    def new(cls, model: str, system_fingerprint: str) -> "CompletionHeader":
-        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model, system_fingerprint=system_fingerprint)
+    def new(cls, model: str, system_fingerprint: str) -> CompletionHeader:
+        return cls(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=model,
+            system_fingerprint=system_fingerprint,
+        )
 
 
 def logprob_messages(entries: list[TokenLogprob]) -> list[chat_pb2.TokenLogprob]:
@@ -57,7 +62,9 @@ def completion(
 ) -> chat_pb2.ChatCompletion:
     choices = []
     for output in outputs:
-        choice = chat_pb2.Choice(index=output.index, message=output.message(), finish_reason=FINISH_REASONS[output.finish_reason])
+        choice = chat_pb2.Choice(
+            index=output.index, message=output.message(), finish_reason=FINISH_REASONS[output.finish_reason]
+        )
         if with_logprobs:
             choice.logprobs.content.extend(logprob_messages(output.logprobs))
         choices.append(choice)
@@ -86,7 +93,10 @@ def chunk(
     delta = chat_pb2.Delta(role="assistant" if role else None, content=text)
     for position, call in enumerate(tool_calls or ()):
         delta.tool_calls.add(
-            index=position, id=call.id, type="function", function=chat_pb2.FunctionCallDelta(name=call.name, arguments=call.arguments)
+            index=position,
+            id=call.id,
+            type="function",
+            function=chat_pb2.FunctionCallDelta(name=call.name, arguments=call.arguments),
         )
     choice = chat_pb2.ChunkChoice(index=index, delta=delta)
     if finish_reason is not None:

@@ -31,11 +31,11 @@ class ShuttingDown(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-def _errors_to_status(handler):  # noqa: ANN001, ANN202 - decorator over unary and streaming handlers
+def _errors_to_status(handler):
     if inspect.isasyncgenfunction(handler):
 
         @functools.wraps(handler)
-        async def streaming(self, request, context):  # noqa: ANN001
+        async def streaming(self, request, context):
             try:
                 async for item in handler(self, request, context):
                     yield item
@@ -45,7 +45,7 @@ def _errors_to_status(handler):  # noqa: ANN001, ANN202 - decorator over unary a
         return streaming
 
     @functools.wraps(handler)
-    async def unary(self, request, context):  # noqa: ANN001
+    async def unary(self, request, context):
         try:
             return await handler(self, request, context)
         except ServiceError as error:
@@ -58,7 +58,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
     def __init__(self, registry: ModelRegistry) -> None:
         self._registry = registry
 
-    def _start(self, request: chat_pb2.ChatCompletionRequest, *, streaming: bool):  # noqa: ANN202
+    def _start(self, request: chat_pb2.ChatCompletionRequest, *, streaming: bool):
         checked = check_parameters(request, streaming=streaming, max_choices=self._registry.settings.max_choices)
         served = self._registry.get(request.model)
         generation = build_generation(checked, served.model, served.capabilities, served.grammars)
@@ -68,7 +68,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         return checked, generation, stream, header, outputs
 
     @_errors_to_status
-    async def CreateChatCompletion(self, request, context):  # noqa: ANN001, N802 - gRPC method name
+    async def CreateChatCompletion(self, request, context):  # noqa: N802 - gRPC method name
         checked, generation, stream, header, outputs = self._start(request, streaming=False)
         try:
             async for update in stream.updates():
@@ -82,7 +82,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         )
 
     @_errors_to_status
-    async def StreamChatCompletion(self, request, context):  # noqa: ANN001, N802
+    async def StreamChatCompletion(self, request, context):  # noqa: N802
         checked, generation, stream, header, outputs = self._start(request, streaming=True)
         want_logprobs = checked.sampling.logprobs
         # A choice's role rides on its first chunk, which goes out with its first text, once the
@@ -110,7 +110,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         finally:
             stream.cancel()
 
-    async def ListModels(self, request, context):  # noqa: ANN001, N802
+    async def ListModels(self, request, context):  # noqa: N802
         return chat_pb2.ModelList(
             object="list",
             data=[
@@ -120,7 +120,9 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
                     created=served.created,
                     owned_by=served.owned_by,
                     capabilities=chat_pb2.ModelCapabilities(
-                        tools=served.capabilities.tools, json_object=served.capabilities.json, json_schema=served.capabilities.json
+                        tools=served.capabilities.tools,
+                        json_object=served.capabilities.json,
+                        json_schema=served.capabilities.json,
                     ),
                 )
                 for model_id, served in self._registry.all()

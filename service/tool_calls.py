@@ -65,7 +65,9 @@ def check_tool(index: int, name: str, description: str | None, parameters: dict[
     if parameters is None:
         parameters = {"type": "object", "properties": {}}
     if parameters.get("type", "object") != "object":
-        raise InvalidArgument(f"tools[{index}].function.parameters", "Function parameters must be a JSON schema of type 'object'.")
+        raise InvalidArgument(
+            f"tools[{index}].function.parameters", "Function parameters must be a JSON schema of type 'object'."
+        )
     return ToolSpec(name=name, description=description, parameters=parameters)
 
 
@@ -130,7 +132,9 @@ def messages_for_builtin_format(messages: list[dict[str, Any]], tools: list[Tool
             rendered.append({"role": "assistant", "content": f"{text}\n{call_text}" if text else call_text})
         elif message["role"] == "tool":
             name = names_by_id.get(message["tool_call_id"], "the function")
-            rendered.append({"role": "user", "content": f"Result of {name} (call {message['tool_call_id']}):\n{message['content']}"})
+            rendered.append(
+                {"role": "user", "content": f"Result of {name} (call {message['tool_call_id']}):\n{message['content']}"}
+            )
         else:
             rendered.append(message)
     return rendered

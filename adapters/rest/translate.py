@@ -119,9 +119,7 @@ def _value_error(param: str, value: object, supported: tuple[str, ...]):
 
 
 def _missing(param: str):
-    return invalid_request(
-        f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
-    )
+    return invalid_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
 
 def _string(value: object, param: str) -> str:
@@ -144,9 +142,7 @@ def _number(value: object, param: str) -> float:
         try:
             return float(value)
         except OverflowError:
-            raise invalid_request(
-                f"Invalid '{param}': number too large.", param=param, code="invalid_value"
-            ) from None
+            raise invalid_request(f"Invalid '{param}': number too large.", param=param, code="invalid_value") from None
     raise _type_error(param, "a number", value)
 
 
@@ -156,15 +152,13 @@ def _integer(value: object, param: str, bounds: tuple[int, int]) -> int:
     low, high = bounds
     if value > high:
         raise invalid_request(
-            f"Invalid '{param}': integer above maximum value. "
-            f"Expected a value <= {high}, but got {value} instead.",
+            f"Invalid '{param}': integer above maximum value. Expected a value <= {high}, but got {value} instead.",
             param=param,
             code="integer_above_max_value",
         )
     if value < low:
         raise invalid_request(
-            f"Invalid '{param}': integer below minimum value. "
-            f"Expected a value >= {low}, but got {value} instead.",
+            f"Invalid '{param}': integer below minimum value. Expected a value >= {low}, but got {value} instead.",
             param=param,
             code="integer_below_min_value",
         )
@@ -188,9 +182,7 @@ def _struct(target: struct_pb2.Struct, value: object, param: str) -> None:
     try:
         target.update(_object(value, param))
     except (ValueError, TypeError, OverflowError):
-        raise invalid_request(
-            f"Invalid '{param}': not representable as JSON numbers.", param=param
-        ) from None
+        raise invalid_request(f"Invalid '{param}': not representable as JSON numbers.", param=param) from None
 
 
 # ---------------------------------------------------------------------------
@@ -569,9 +561,7 @@ def chat_completion_to_json(completion: pb.ChatCompletion) -> dict:
             for choice in completion.choices
         ],
         "usage": _usage(completion.usage),
-        "system_fingerprint": (
-            completion.system_fingerprint if completion.HasField("system_fingerprint") else None
-        ),
+        "system_fingerprint": (completion.system_fingerprint if completion.HasField("system_fingerprint") else None),
         "service_tier": completion.service_tier if completion.HasField("service_tier") else None,
     }
 

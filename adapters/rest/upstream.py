@@ -87,7 +87,7 @@ def call_metadata(request: Request) -> tuple[tuple[str, str], ...] | None:
 class DisconnectWatch:
     """Cancels ``call`` when the HTTP client disconnects; ``stop()`` once the answer is sent."""
 
-    __slots__ = ("disconnected", "_task")
+    __slots__ = ("_task", "disconnected")
 
     def __init__(self, request: Request, call: grpc.aio.Call) -> None:
         self.disconnected = False

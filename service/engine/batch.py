@@ -46,7 +46,7 @@ class TokenBatch:
     def room(self) -> int:
         return self.capacity - self.size
 
-    def add(self, seq_id: int, tokens, first_position: int, *, output_last: bool, output_all: bool = False) -> None:  # noqa: ANN001 - list or array
+    def add(self, seq_id: int, tokens, first_position: int, *, output_last: bool, output_all: bool = False) -> None:
         """Append a run of one sequence's tokens at consecutive positions; the last one (or every
         one) may output logits."""
         n = len(tokens)

@@ -27,7 +27,7 @@ _JSON_OPTIONS = {"whitespace_flexible": False}
 class GrammarCompiler:
     """Compiles JSON schemas for one model's vocabulary (building it takes a few seconds, once)."""
 
-    def __init__(self, vocab, vocab_size: int) -> None:  # noqa: ANN001 - llama_vocab_p
+    def __init__(self, vocab, vocab_size: int) -> None:
         ends = [t for t in (llama_cpp.llama_vocab_eot(vocab), llama_cpp.llama_vocab_eos(vocab)) if t >= 0]
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
@@ -47,7 +47,7 @@ class GrammarCompiler:
             raise InvalidArgument(param, f"The JSON schema in '{param}' is not supported: {problem}")
         return grammar
 
-    def matcher(self, grammar: str) -> "GrammarMatcher":
+    def matcher(self, grammar: str) -> GrammarMatcher:
         return GrammarMatcher(llguidance.LLMatcher(self._tokenizer, grammar, log_level=0))
 
 

@@ -129,7 +129,9 @@ class LoadedModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         # A recurrent (or hybrid) model's memory keeps a state per sequence, not per position: it
         # cannot drop the last positions again.
-        self.is_recurrent = bool(llama_cpp.llama_model_is_recurrent(self.model) or llama_cpp.llama_model_is_hybrid(self.model))
+        self.is_recurrent = bool(
+            llama_cpp.llama_model_is_recurrent(self.model) or llama_cpp.llama_model_is_hybrid(self.model)
+        )
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.context_train = llama_cpp.llama_model_n_ctx_train(self.model)
 
@@ -152,7 +154,9 @@ class LoadedModel:
         # attention off. Off is also faster for prompt chunks far into a context (the tiled flash
         # kernel was 3x the unfused attention's time there: docs/benchmarks.md, "Turn 6 back to back").
         context_params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if self.flash_attention
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         self.context = llama_cpp.llama_init_from_model(self.model, context_params)
         if not self.context:

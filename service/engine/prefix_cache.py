@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-
 # GGML_FA_TILE_Q in llama.cpp's CPU backend: flash attention's tiled path takes chunks of this many
 # rows or more (see "Exactness" above). Without flash attention fewer rows would do (8), but one
 # rule for both keeps what a slot offers independent of the setting.
@@ -143,11 +142,14 @@ class PrefixCache:
                 reused = self._usable(_common_prefix(kept.tokens, query), len(query))
                 if reused > best_reused or (reused == best_reused and reused and kept.last_used > best_used):
                     best_slot, best_reused, best_used = slot, reused, kept.last_used
-        if best_reused and self._worth_taking(best_slot, best_reused, query):
-            if llama_cpp.llama_memory_seq_pos_min(self._memory, best_slot) == 0:
-                return best_slot, best_reused
-            # Positions at the start were dropped (a sliding-window cache that is not full size):
-            # the prefix is not all there, so it cannot be reused.
+        # A slot whose first positions were dropped (a sliding-window cache that is not full size)
+        # does not hold the whole prefix, so it cannot be reused.
+        if (
+            best_reused
+            and self._worth_taking(best_slot, best_reused, query)
+            and llama_cpp.llama_memory_seq_pos_min(self._memory, best_slot) == 0
+        ):
+            return best_slot, best_reused
         # An empty slot before a retained one (no eviction), then the slot that adds the fewest runs
         # to the ids in use (a decode step makes one llama.cpp ubatch, one pass over the weights,
         # per run of consecutive ids), then the least recently used prefix.
@@ -205,7 +207,7 @@ class PrefixCache:
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free[slot] = None
             return
-        for other, kept in self._free.items():
+        for kept in self._free.values():
             if reusable and kept is not None and len(kept.tokens) == reusable and np.array_equal(kept.tokens, tokens):
                 # The n choices of one request end with the same prompt: keep one copy, so that
                 # the other slots stay free for other prefixes.
@@ -230,7 +232,11 @@ class PrefixCache:
         The most recently freed slot first (the likeliest next turn). A piece starts where the
         slot's offered tokens end, has >= 64 rows and at most a chunk, and leaves no rest shorter
         than 64 rows when it can avoid it."""
-        pending = [(kept.last_used, slot) for slot, kept in self._free.items() if kept is not None and kept.followed is not None]
+        pending = [
+            (kept.last_used, slot)
+            for slot, kept in self._free.items()
+            if kept is not None and kept.followed is not None
+        ]
         if not pending:
             return None
         slot = max(pending)[1]

@@ -83,7 +83,7 @@ class StepTimings:
 class RequestStream:
     """The asyncio side of one request: the updates of its n choices, and a way to cancel it."""
 
-    def __init__(self, scheduler: "Scheduler", queue: asyncio.Queue, sequences: list[Sequence]) -> None:
+    def __init__(self, scheduler: Scheduler, queue: asyncio.Queue, sequences: list[Sequence]) -> None:
         self._scheduler = scheduler
         self._queue = queue
         self.sequences = sequences
@@ -154,7 +154,9 @@ class Scheduler:
         if self.prefix_cache.offers_idle_prefill:
             # Kept referenced: llama.cpp holds the function pointer for the context's lifetime.
             self._abort_callback = llama_cpp.ggml_abort_callback(self._interrupt.callback)
-            llama_cpp.llama_set_abort_callback(model.context, self._abort_callback, ctypes.c_void_p(self._interrupt.data))
+            llama_cpp.llama_set_abort_callback(
+                model.context, self._abort_callback, ctypes.c_void_p(self._interrupt.data)
+            )
         self.timings = StepTimings()
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model.model_id}", daemon=True)
         self._thread.start()
@@ -168,7 +170,9 @@ class Scheduler:
 
     def submit(self, generation: Generation) -> RequestStream:
         if generation.n > self._model.max_sequences:
-            raise InvalidArgument("n", f"'n' may be at most {self._model.max_sequences} on this server (its --parallel).")
+            raise InvalidArgument(
+                "n", f"'n' may be at most {self._model.max_sequences} on this server (its --parallel)."
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[SequenceUpdate] = asyncio.Queue()
         seed = generation.sampling.seed if generation.sampling.seed is not None else secrets.randbits(64)
@@ -245,7 +249,7 @@ class Scheduler:
             if self._active:
                 try:
                     self._step()
-                except Exception:  # noqa: BLE001 - one bad step must not end the server
+                except Exception:
                     log.exception("generation step failed; failing its sequences")
                     for sequence in list(self._active):
                         self._fail(sequence, "internal error during generation")
@@ -392,7 +396,9 @@ class Scheduler:
 
     def _logits(self, rows: int) -> np.ndarray:
         """A zero-copy view of the last decode's output rows."""
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._model.context), shape=(rows, self._model.vocab_size))
+        return np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits(self._model.context), shape=(rows, self._model.vocab_size)
+        )
 
     def _decode(self, decoding: list[Sequence]) -> None:
         """One token for every decoding sequence, in one batch (or a few for a lone sequence whose
@@ -400,7 +406,8 @@ class Scheduler:
         if len(decoding) == 1 and self._lookup is not None:
             sequence = decoding[0]
             room = min(
-                sequence.generation.max_new_tokens - sequence.generated, self._model.context_per_sequence - sequence.n_past
+                sequence.generation.max_new_tokens - sequence.generated,
+                self._model.context_per_sequence - sequence.n_past,
             )
             draft = self._lookup.draft(sequence, sequence.generation.prompt_tokens, sequence.output_tokens, room - 1)
             if draft:
@@ -447,13 +454,16 @@ class Scheduler:
         self.timings.drafted_tokens += len(draft)
         self.timings.accepted_tokens += accepted
         self._lookup.record(sequence, len(draft), accepted)
-        if accepted < len(draft) and not sequence.finished:
-            # Positions after the last good guess hold rejected guesses: drop them.
-            if not llama_cpp.llama_memory_seq_rm(self._model.memory, sequence.seq_id, sequence.n_past, -1):
-                self._lookup = None
-                log.warning("this model's memory cannot drop rejected guesses; speculation is off")
-                self._fail(sequence, "internal error: rejected guesses could not be removed")
-                return
+        # Positions after the last good guess hold rejected guesses: drop them.
+        if (
+            accepted < len(draft)
+            and not sequence.finished
+            and not llama_cpp.llama_memory_seq_rm(self._model.memory, sequence.seq_id, sequence.n_past, -1)
+        ):
+            self._lookup = None
+            log.warning("this model's memory cannot drop rejected guesses; speculation is off")
+            self._fail(sequence, "internal error: rejected guesses could not be removed")
+            return
         sequence.deliver(merged(updates))
         if sequence.finished:
             self._release(sequence, keep_prompt=True)
@@ -467,7 +477,9 @@ class Scheduler:
         completes = start + count == sequence.prompt_length
         batch = self._batch
         batch.clear()
-        batch.add(sequence.seq_id, sequence.generation.prompt_tokens[start : start + count], start, output_last=completes)
+        batch.add(
+            sequence.seq_id, sequence.generation.prompt_tokens[start : start + count], start, output_last=completes
+        )
         self._run_batch()
         self.timings.prefilled_tokens += count
         sequence.prefilled = sequence.n_past = start + count
@@ -494,7 +506,7 @@ class Scheduler:
             return
         self._emit(rows, drawn)
 
-    def _draw(self, rows: list[Sequence], logits: np.ndarray):  # noqa: ANN202 - the sampler's 4 arrays
+    def _draw(self, rows: list[Sequence], logits: np.ndarray):
         keys = np.fromiter((s.seq_id for s in rows), dtype=np.int64, count=len(rows))
         masks = None
         if any(s.grammar is not None for s in rows):
@@ -511,7 +523,7 @@ class Scheduler:
         self.timings.sampled_rows += len(rows)
         return drawn
 
-    def _emit(self, rows: list[Sequence], drawn) -> None:  # noqa: ANN001
+    def _emit(self, rows: list[Sequence], drawn) -> None:
         for row, sequence in enumerate(rows):
             update = self._take(sequence, drawn, row)
             if update is None:
@@ -520,7 +532,7 @@ class Scheduler:
             if sequence.finished:
                 self._release(sequence, keep_prompt=True)
 
-    def _take(self, sequence: Sequence, drawn, row: int) -> SequenceUpdate | None:  # noqa: ANN001
+    def _take(self, sequence: Sequence, drawn, row: int) -> SequenceUpdate | None:
         """The sequence accepts its sampled token; None when the grammar refused it (sequence failed)."""
         tokens, logprobs, top_ids, top_logprobs = drawn
         token = int(tokens[row])
@@ -533,5 +545,5 @@ class Scheduler:
         top = []
         count = sequence.generation.sampling.top_logprobs
         if count:
-            top = list(zip(top_ids[row, :count].tolist(), top_logprobs[row, :count].tolist()))
+            top = list(zip(top_ids[row, :count].tolist(), top_logprobs[row, :count].tolist(), strict=True))
         return sequence.accept(token, float(logprobs[row]), top)

@@ -138,4 +138,6 @@ class Sequence:
                 finish = "length" if self._stops.matched is None else "stop"
         if finish is not None:
             self.finished = True
-        return SequenceUpdate(text=text, logprobs=logprobs, finish_reason=finish, completion_tokens=self.generated, index=self.index)
+        return SequenceUpdate(
+            text=text, logprobs=logprobs, finish_reason=finish, completion_tokens=self.generated, index=self.index
+        )

@@ -26,7 +26,9 @@ def at_once(calls: list[Callable[[], T]], *, timeout: float = 600) -> list[T]:
         thread.start()
     for thread in threads:
         thread.join(timeout=timeout)
-    assert len(results) == len(calls), f"{len(calls) - len(results)} of {len(calls)} calls did not finish in {timeout} s"
+    assert len(results) == len(calls), (
+        f"{len(calls) - len(results)} of {len(calls)} calls did not finish in {timeout} s"
+    )
     for result in results.values():
         if isinstance(result, BaseException):
             raise result

@@ -82,7 +82,9 @@ async def test_unknown_route_is_404_envelope():
     assert error["message"] == "Invalid URL (GET /v1/engines)"
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", CHAT), ("POST", "/v1/models"), ("DELETE", "/v1/models/m"), ("POST", "/health")])
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", CHAT), ("POST", "/v1/models"), ("DELETE", "/v1/models/m"), ("POST", "/health")]
+)
 async def test_wrong_method_is_405_envelope(method, path):
     async with client() as http:
         response = await http.request(method, path)

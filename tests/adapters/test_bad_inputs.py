@@ -39,7 +39,12 @@ ROWS = [
     ("not-json", b"this is not json", 400, None),
     ("truncated-json", b'{"model": "gemma-3-270m", "messages": [', 400, None),
     ("json-array", b'[{"model": "gemma-3-270m"}]', 400, None),
-    ("json-nan", b'{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, None),
+    (
+        "json-nan",
+        b'{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        400,
+        None,
+    ),
     # messages
     ("missing-messages", body(messages=...), 400, "messages"),
     ("empty-messages", body(messages=[]), 400, "messages"),
@@ -61,12 +66,20 @@ ROWS = [
         "image-url-part",
         message(
             role="user",
-            content=[{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+            content=[
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            ],
         ),
         400,
         "messages[0].content[1].image_url",
     ),
-    ("part-unknown-type", message(role="user", content=[{"type": "video", "video": {}}]), 400, "messages[0].content[0].type"),
+    (
+        "part-unknown-type",
+        message(role="user", content=[{"type": "video", "video": {}}]),
+        400,
+        "messages[0].content[0].type",
+    ),
     # model
     ("missing-model", body(model=...), 400, "model"),
     ("model-not-string", body(model=7), 400, "model"),
@@ -120,16 +133,56 @@ ROWS = [
     ("stream-unknown-model", body(stream=True, model="gpt-4o"), 404, "model"),
     ("stream-temperature-3", body(stream=True, temperature=3), 400, "temperature"),
     # unsupported features
-    ("response-format-json-schema-on-plain-model", body(model=PLAIN_MODEL, response_format=JSON_SCHEMA), 400, "response_format"),
-    ("response-format-json-object-on-plain-model", body(model=PLAIN_MODEL, response_format={"type": "json_object"}), 400, "response_format"),
-    ("response-format-json-schema-without-name", body(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), 400, "response_format.json_schema.name"),
-    ("response-format-unsupported-schema", body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "no-such-format"}}}), 400, "response_format"),
+    (
+        "response-format-json-schema-on-plain-model",
+        body(model=PLAIN_MODEL, response_format=JSON_SCHEMA),
+        400,
+        "response_format",
+    ),
+    (
+        "response-format-json-object-on-plain-model",
+        body(model=PLAIN_MODEL, response_format={"type": "json_object"}),
+        400,
+        "response_format",
+    ),
+    (
+        "response-format-json-schema-without-name",
+        body(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+        400,
+        "response_format.json_schema.name",
+    ),
+    (
+        "response-format-unsupported-schema",
+        body(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "format": "no-such-format"}},
+            }
+        ),
+        400,
+        "response_format",
+    ),
     ("response-format-unknown-type", body(response_format={"type": "xml"}), 400, "response_format.type"),
     ("tools-on-plain-model", body(model=PLAIN_MODEL, tools=[TOOL]), 400, "tools"),
-    ("tool-bad-name", body(tools=[{"type": "function", "function": {"name": "no spaces"}}]), 400, "tools[0].function.name"),
+    (
+        "tool-bad-name",
+        body(tools=[{"type": "function", "function": {"name": "no spaces"}}]),
+        400,
+        "tools[0].function.name",
+    ),
     ("tool-choice-required-without-tools", body(tool_choice="required"), 400, "tool_choice"),
-    ("tool-choice-unknown-function", body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "other"}}), 400, "tool_choice"),
-    ("tool-message-without-call-id", body(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].tool_call_id"),
+    (
+        "tool-choice-unknown-function",
+        body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "other"}}),
+        400,
+        "tool_choice",
+    ),
+    (
+        "tool-message-without-call-id",
+        body(messages=[{"role": "tool", "content": "x"}]),
+        400,
+        "messages[0].tool_call_id",
+    ),
     ("empty-content-list", body(messages=[{"role": "user", "content": []}]), 400, "messages[0].content"),
     ("tool-choice-bad-string", body(tool_choice="sometimes"), 400, "tool_choice"),
     ("parallel-tool-calls", body(parallel_tool_calls=True), 400, "parallel_tool_calls"),
@@ -244,7 +297,9 @@ def test_wrong_key_is_401_for_models_and_streaming(server):
     base = server.rest_base_url
     assert_envelope(httpx.get(f"{base}/models", headers=headers, timeout=60), 401, None)
     assert_envelope(httpx.get(f"{base}/models/{MODEL}", headers=headers, timeout=60), 401, None)
-    assert_envelope(httpx.post(f"{base}/chat/completions", json=body(stream=True), headers=headers, timeout=60), 401, None)
+    assert_envelope(
+        httpx.post(f"{base}/chat/completions", json=body(stream=True), headers=headers, timeout=60), 401, None
+    )
 
 
 def test_unknown_model_retrieve_is_404(http):

@@ -27,14 +27,17 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.",
     "Describe a lighthouse at night.",
     "Why is the sky blue? Answer briefly.",
-    "Here are my notes on the harbour town: " + "The boats leave at dawn and come back at dusk with the catch. " * 22
+    "Here are my notes on the harbour town: "
+    + "The boats leave at dawn and come back at dusk with the catch. " * 22
     + "Summarise them in two sentences.",
 ]
 
 
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory: pytest.TempPathFactory):
-    running = start_server(tmp_path_factory.mktemp("determinism"), extra_args=("--parallel", str(ROWS), "--deterministic"))
+    running = start_server(
+        tmp_path_factory.mktemp("determinism"), extra_args=("--parallel", str(ROWS), "--deterministic")
+    )
     yield running
     stop_server(running)
 
@@ -71,8 +74,14 @@ def test_text_alone_equals_text_beside_seven_others(busy_server, sampling: dict)
     ]
     alone = [complete(busy_server, body) for body in bodies]
     together = at_once([lambda body=body: complete(busy_server, body) for body in bodies])
-    for index, ((text_alone, logprobs_alone), (text_together, logprobs_together)) in enumerate(zip(alone, together)):
-        assert text_alone == text_together, f"request {index}: alone {text_alone!r} != beside {ROWS - 1} others {text_together!r}"
+    for index, ((text_alone, logprobs_alone), (text_together, logprobs_together)) in enumerate(
+        zip(alone, together, strict=True)
+    ):
+        assert text_alone == text_together, (
+            f"request {index}: alone {text_alone!r} != beside {ROWS - 1} others {text_together!r}"
+        )
         # Stricter than the text: the same logits, bit for bit (a kernel switch shows here even
         # when no token flips).
-        assert logprobs_alone == logprobs_together, f"request {index}: the same text, but other logprobs beside {ROWS - 1} others"
+        assert logprobs_alone == logprobs_together, (
+            f"request {index}: the same text, but other logprobs beside {ROWS - 1} others"
+        )

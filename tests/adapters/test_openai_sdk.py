@@ -289,7 +289,9 @@ def test_different_seeds_differ(openai_client):
 
 
 def test_unseeded_sampling_differs(openai_client):
-    texts = [chat(openai_client, messages=POEM, temperature=1.0, max_tokens=25).choices[0].message.content for _ in range(3)]
+    texts = [
+        chat(openai_client, messages=POEM, temperature=1.0, max_tokens=25).choices[0].message.content for _ in range(3)
+    ]
     assert len(set(texts)) > 1, texts
 
 
@@ -342,7 +344,14 @@ def test_logprobs_without_top_logprobs(openai_client):
 
 def test_logprobs_when_sampling(openai_client):
     completion = chat(
-        openai_client, messages=POEM, temperature=1.0, seed=7, max_tokens=20, logprobs=True, top_logprobs=5, logit_bias=NO_END
+        openai_client,
+        messages=POEM,
+        temperature=1.0,
+        seed=7,
+        max_tokens=20,
+        logprobs=True,
+        top_logprobs=5,
+        logit_bias=NO_END,
     )
     entries = completion.choices[0].logprobs.content
     assert len(entries) == 20
@@ -353,7 +362,12 @@ def test_logprobs_when_sampling(openai_client):
 def test_logprobs_in_streaming(openai_client):
     unary = chat(openai_client, temperature=0, max_tokens=15, logprobs=True, top_logprobs=3, logit_bias=NO_END)
     chunks = stream(openai_client, temperature=0, max_tokens=15, logprobs=True, top_logprobs=3, logit_bias=NO_END)
-    entries = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    entries = [
+        entry
+        for chunk in chunks
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
     assert len(entries) == 15
     _check_logprob_entries(entries, greedy=True, top=3)
     _check_logprob_text(entries, streamed_text(chunks))

@@ -52,7 +52,9 @@ def test_n_choices_with_seed_reproduce(openai_client):
 
 def test_n_choices_stream_interleaved_by_index(openai_client):
     unary = create(openai_client, n=3, seed=7, temperature=1.0, max_tokens=16)
-    chunks = streamed(openai_client, n=3, seed=7, temperature=1.0, max_tokens=16, stream_options={"include_usage": True})
+    chunks = streamed(
+        openai_client, n=3, seed=7, temperature=1.0, max_tokens=16, stream_options={"include_usage": True}
+    )
     texts = {0: "", 1: "", 2: ""}
     finished = {}
     for chunk in chunks:
@@ -82,31 +84,135 @@ def closed(schema):
         schema = [closed(item) for item in schema]
     return schema
 
+
 SCHEMAS = [
     {"type": "object", "properties": {"name": NAME}, "required": ["name"]},
-    {"type": "object", "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"]},
+    {
+        "type": "object",
+        "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["name", "age"],
+    },
     {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
     {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"]},
-    {"type": "object", "properties": {"tags": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 3}}, "required": ["tags"]},
+    {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 3}},
+        "required": ["tags"],
+    },
     {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 10}}, "required": ["score"]},
     {
         "type": "object",
-        "properties": {"address": {"type": "object", "properties": {"city": NAME, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}, "required": ["city", "zip"]}},
+        "properties": {
+            "address": {
+                "type": "object",
+                "properties": {"city": NAME, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                "required": ["city", "zip"],
+            }
+        },
         "required": ["address"],
     },
-    {"type": "object", "properties": {"points": {"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 9}, "maxItems": 4}}, "required": ["points"]},
-    {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["kind", "lives"]},
+    {
+        "type": "object",
+        "properties": {
+            "points": {"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 9}, "maxItems": 4}
+        },
+        "required": ["points"],
+    },
+    {
+        "type": "object",
+        "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["kind", "lives"],
+    },
     {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}, "required": ["id"]},
-    {"type": "object", "properties": {"value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, {"type": "null"}]}}, "required": ["value"]},
-    {"type": "object", "properties": {"first": NAME, "last": NAME, "middle": NAME}, "required": ["first", "last"], "additionalProperties": False},
-    {"type": "object", "properties": {"matrix": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 2}, "minItems": 2, "maxItems": 2}}, "required": ["matrix"]},
-    {"type": "object", "properties": {"people": {"type": "array", "items": {"type": "object", "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "age"]}, "minItems": 1, "maxItems": 2}}, "required": ["people"]},
-    {"type": "object", "properties": {"status": {"enum": ["active", "inactive"]}, "count": {"type": "integer", "minimum": 0, "maximum": 1000}}, "required": ["status", "count"]},
+    {
+        "type": "object",
+        "properties": {"value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, {"type": "null"}]}},
+        "required": ["value"],
+    },
+    {
+        "type": "object",
+        "properties": {"first": NAME, "last": NAME, "middle": NAME},
+        "required": ["first", "last"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "matrix": {
+                "type": "array",
+                "items": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+                "minItems": 2,
+                "maxItems": 2,
+            }
+        },
+        "required": ["matrix"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "people": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+                    "required": ["name", "age"],
+                },
+                "minItems": 1,
+                "maxItems": 2,
+            }
+        },
+        "required": ["people"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["active", "inactive"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+        },
+        "required": ["status", "count"],
+    },
     {"type": "object", "properties": {"date": {"type": "string", "format": "date"}}, "required": ["date"]},
-    {"type": "object", "properties": {"flag": {"type": "boolean"}, "note": {"type": "string", "maxLength": 8}}, "required": ["flag", "note"]},
-    {"type": "object", "properties": {"ratio": {"type": "number", "minimum": 0, "maximum": 1}, "unit": {"enum": ["m", "s", "kg"]}}, "required": ["ratio", "unit"]},
-    {"type": "object", "properties": {"nested": {"type": "object", "properties": {"deeper": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 5}}, "required": ["x"]}}, "required": ["deeper"]}}, "required": ["nested"]},
-    {"type": "object", "properties": {"choice": {"oneOf": [{"type": "string", "enum": ["yes", "no"]}, {"type": "integer", "minimum": 0, "maximum": 3}]}}, "required": ["choice"]},
+    {
+        "type": "object",
+        "properties": {"flag": {"type": "boolean"}, "note": {"type": "string", "maxLength": 8}},
+        "required": ["flag", "note"],
+    },
+    {
+        "type": "object",
+        "properties": {"ratio": {"type": "number", "minimum": 0, "maximum": 1}, "unit": {"enum": ["m", "s", "kg"]}},
+        "required": ["ratio", "unit"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "nested": {
+                "type": "object",
+                "properties": {
+                    "deeper": {
+                        "type": "object",
+                        "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 5}},
+                        "required": ["x"],
+                    }
+                },
+                "required": ["deeper"],
+            }
+        },
+        "required": ["nested"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "choice": {
+                "oneOf": [{"type": "string", "enum": ["yes", "no"]}, {"type": "integer", "minimum": 0, "maximum": 3}]
+            }
+        },
+        "required": ["choice"],
+    },
 ]
 
 
@@ -124,7 +230,10 @@ def schema_answers(openai_client) -> list:
             temperature=0.7,
             seed=3,
             max_tokens=SCHEMA_MAX_TOKENS,
-            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}},
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+            },
         )
         for schema in SCHEMAS
     ]
@@ -151,7 +260,12 @@ def test_json_schema_outputs_mostly_finish(schema_answers):
 
 def test_json_schema_streamed_output_validates(openai_client):
     schema = SCHEMAS[13]
-    chunks = streamed(openai_client, temperature=0.7, seed=5, response_format={"type": "json_schema", "json_schema": {"name": "people", "schema": schema}})
+    chunks = streamed(
+        openai_client,
+        temperature=0.7,
+        seed=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "people", "schema": schema}},
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     jsonschema.validate(json.loads(text), schema)
 
@@ -170,12 +284,22 @@ def test_json_object_always_parses(openai_client):
 
 def test_unsupported_schema_is_refused_before_generation(openai_client):
     with pytest.raises(openai.BadRequestError) as raised:
-        create(openai_client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "no-such-format"}}})
+        create(
+            openai_client,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "format": "no-such-format"}},
+            },
+        )
     assert raised.value.param == "response_format"
 
 
 def test_length_cut_json_ends_with_length(openai_client):
-    completion = create(openai_client, max_tokens=3, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS[13]}})
+    completion = create(
+        openai_client,
+        max_tokens=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS[13]}},
+    )
     assert completion.choices[0].finish_reason == "length"
 
 
@@ -190,7 +314,10 @@ WEATHER = {
         "description": "The current weather in a city.",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "properties": {
+                "city": {"type": "string", "minLength": 1, "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
             "required": ["city", "unit"],
             "additionalProperties": False,
         },
@@ -233,7 +360,13 @@ def test_tool_choice_required_yields_valid_calls(openai_client, seed):
 
 @pytest.mark.parametrize("name", ["get_weather", "get_time"])
 def test_named_tool_choice_calls_that_function(openai_client, name):
-    completion = create(openai_client, messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": name}}, temperature=0)
+    completion = create(
+        openai_client,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": name}},
+        temperature=0,
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     check_calls(choice.message.tool_calls, only=name)
@@ -241,7 +374,9 @@ def test_named_tool_choice_calls_that_function(openai_client, name):
 
 
 def test_tool_calls_stream_as_deltas(openai_client):
-    chunks = streamed(openai_client, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, parallel_tool_calls=False)
+    chunks = streamed(
+        openai_client, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, parallel_tool_calls=False
+    )
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
     assert deltas and deltas[0].id and deltas[0].function.name
     arguments = "".join(d.function.arguments or "" for d in deltas)
@@ -263,7 +398,13 @@ def test_tool_choice_none_and_auto_answer(openai_client):
 
 
 def test_tool_round_trip(openai_client):
-    first = create(openai_client, messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0)
+    first = create(
+        openai_client,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+    )
     message = first.choices[0].message
     (call,) = message.tool_calls
     history = [
@@ -275,11 +416,16 @@ def test_tool_round_trip(openai_client):
     assert answer.choices[0].message.content
     assert answer.choices[0].finish_reason in ("stop", "length")
     question_alone = create(openai_client, messages=ASK, max_tokens=1)
-    assert answer.usage.prompt_tokens > question_alone.usage.prompt_tokens + 20  # the call and its result are in the prompt
+    assert (
+        answer.usage.prompt_tokens > question_alone.usage.prompt_tokens + 20
+    )  # the call and its result are in the prompt
 
 
 def test_capability_refusals(openai_client):
-    for params, param in (({"tools": TOOLS}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format")):
+    for params, param in (
+        ({"tools": TOOLS}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ):
         with pytest.raises(openai.BadRequestError) as raised:
             create(openai_client, model="gemma-3-270m-plain", **params)
         assert raised.value.param == param

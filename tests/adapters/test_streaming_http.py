@@ -101,14 +101,19 @@ def test_sse_wire_format(http):
 def test_stream_of_several_choices_ends_once_all_have_finished(http, include_usage):
     """The adapter ends the stream at the service's last chunk (every choice's finish_reason, then
     the usage chunk when asked for), without waiting for the call's status: nothing is cut off."""
-    request = body(PROMPTS[1], n=3, temperature=1.0, seed=11, max_tokens=8, stream_options={"include_usage": include_usage})
+    request = body(
+        PROMPTS[1], n=3, temperature=1.0, seed=11, max_tokens=8, stream_options={"include_usage": include_usage}
+    )
     chunks = stream_chunks(http, request)
     finished = [choice["index"] for chunk in chunks for choice in chunk["choices"] if choice["finish_reason"]]
     assert sorted(finished) == [0, 1, 2]
     unary = http.post("/chat/completions", json={**request, "stream": False, "stream_options": None}).json()
     for choice in unary["choices"]:
         streamed = "".join(
-            c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"] if c["index"] == choice["index"]
+            c["delta"].get("content") or ""
+            for chunk in chunks
+            for c in chunk["choices"]
+            if c["index"] == choice["index"]
         )
         assert streamed == choice["message"]["content"]
     if include_usage:
@@ -157,7 +162,7 @@ def test_disconnected_streams_free_their_sequences(server, headers, http):
             assert response.status_code == 200
             streams.append((response, response.iter_lines()))
         for _ in range(3):
-            for response, lines in streams:
+            for _response, lines in streams:
                 line = next(lines)
                 while not line:
                     line = next(lines)
@@ -240,7 +245,7 @@ async def test_concurrent_async_streams_with_different_lengths(server, headers):
     lengths = [5, 15, 25, 35]
     requests = [
         body(prompt, temperature=0, max_tokens=length, logit_bias=NO_END, stream=True)
-        for prompt, length in zip(PROMPTS, lengths)
+        for prompt, length in zip(PROMPTS, lengths, strict=True)
     ]
 
     async def run(client: httpx.AsyncClient, request: dict) -> tuple[str, str | None]:
@@ -248,7 +253,9 @@ async def test_concurrent_async_streams_with_different_lengths(server, headers):
             assert response.status_code == 200
             raw = await response.aread()
         chunks = [json.loads(payload) for payload in parse_events(raw)[:-1]]
-        reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        reasons = [
+            c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]
+        ]
         return text_of(chunks), reasons[-1] if reasons else None
 
     async with httpx.AsyncClient(base_url=server.rest_base_url, headers=headers, timeout=120) as client:

@@ -187,7 +187,11 @@ def test_stream_options_include_usage():
 
 @pytest.mark.parametrize(
     ("spelling", "mode"),
-    [("none", pb.TOOL_CHOICE_MODE_NONE), ("auto", pb.TOOL_CHOICE_MODE_AUTO), ("required", pb.TOOL_CHOICE_MODE_REQUIRED)],
+    [
+        ("none", pb.TOOL_CHOICE_MODE_NONE),
+        ("auto", pb.TOOL_CHOICE_MODE_AUTO),
+        ("required", pb.TOOL_CHOICE_MODE_REQUIRED),
+    ],
 )
 def test_tool_choice_modes(spelling, mode):
     choice = translate(tool_choice=spelling).tool_choice
@@ -210,7 +214,12 @@ def test_tools_with_schema():
         tools=[
             {
                 "type": "function",
-                "function": {"name": "get_weather", "description": "Weather.", "parameters": parameters, "strict": True},
+                "function": {
+                    "name": "get_weather",
+                    "description": "Weather.",
+                    "parameters": parameters,
+                    "strict": True,
+                },
             },
             {"type": "function", "function": {"name": "now"}},
         ]
@@ -403,17 +412,32 @@ def test_message_keys_outside_the_spec_are_ignored():
         ({"tools": ["f"]}, "tools[0]"),
         ({"tools": [{"type": "function"}]}, "tools[0].function"),
         ({"tools": [{"type": "function", "function": {"description": "x"}}]}, "tools[0].function.name"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools[0].function.parameters"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"n": 10**400}}}]}, "tools[0].function.parameters"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"n": 10**400}}}]},
+            "tools[0].function.parameters",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": "no"}}]}, "tools[0].function.strict"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "description": 1}}]}, "tools[0].function.description"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "description": 1}}]},
+            "tools[0].function.description",
+        ),
         ({"response_format": "json"}, "response_format"),
         ({"response_format": {}}, "response_format.type"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema", "json_schema": []}}, "response_format.json_schema"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": 1}}}, "response_format.json_schema.name"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"schema": []}}}, "response_format.json_schema.schema"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"strict": 1}}}, "response_format.json_schema.strict"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": []}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"strict": 1}}},
+            "response_format.json_schema.strict",
+        ),
     ],
 )
 def test_type_errors_name_the_field(fields, param):
@@ -437,13 +461,22 @@ def test_type_errors_name_the_field(fields, param):
         ([{"role": "user", "content": [{"type": "video", "video": {}}]}], "messages[0].content[0].type"),
         ([{"role": "user", "content": [{"type": "text", "text": 1}]}], "messages[0].content[0].text"),
         ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}], "messages[0].content[0].image_url"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 1}}]}], "messages[0].content[0].image_url.url"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}],
+            "messages[0].content[0].image_url",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 1}}]}],
+            "messages[0].content[0].image_url.url",
+        ),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u", "detail": 1}}]}],
             "messages[0].content[0].image_url.detail",
         ),
-        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}], "messages[0].content[0].input_audio.format"),
+        (
+            [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}],
+            "messages[0].content[0].input_audio.format",
+        ),
         ([{"role": "assistant", "content": [{"type": "refusal", "refusal": None}]}], "messages[0].content[0].refusal"),
         ([{"role": "user", "content": "x", "name": 1}], "messages[0].name"),
         ([{"role": "tool", "content": "x", "tool_call_id": 1}], "messages[0].tool_call_id"),

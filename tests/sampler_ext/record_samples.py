@@ -49,8 +49,7 @@ def logits_for(vocab_size: int, case: int, step: int, shape: str) -> np.ndarray:
 def bias_for(vocab_size: int, case: int, n: int) -> dict[int, float]:
     rng = np.random.default_rng([vocab_size, case, 99])
     tokens = rng.choice(vocab_size, size=min(n, vocab_size), replace=False)
-    return {int(t): float(rng.uniform(-100, 100) if i % 3 == 0 else rng.uniform(-5, 5))
-            for i, t in enumerate(tokens)}
+    return {int(t): float(rng.uniform(-100, 100) if i % 3 == 0 else rng.uniform(-5, 5)) for i, t in enumerate(tokens)}
 
 
 def digest(array: np.ndarray) -> str:
@@ -81,9 +80,19 @@ def run_case(case: int, vocab_size: int, params: dict, shape: str, steps: int) -
         logprobs.append(logprob)
         tops.append([t for t, _ in top])
         digests.append(digest(logits))
-    return dict(case=case, vocab_size=vocab_size, params=params, bias=n_bias, shape=shape,
-                seed=seed, steps=steps, tokens=tokens, logprobs=logprobs, top_ids=tops,
-                logits_sha256=digests)
+    return dict(
+        case=case,
+        vocab_size=vocab_size,
+        params=params,
+        bias=n_bias,
+        shape=shape,
+        seed=seed,
+        steps=steps,
+        tokens=tokens,
+        logprobs=logprobs,
+        top_ids=tops,
+        logits_sha256=digests,
+    )
 
 
 def main() -> None:

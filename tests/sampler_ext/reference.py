@@ -55,7 +55,7 @@ def chacha20_block(key: bytes, counter: int) -> list[int]:
         _quarter_round(working, 1, 6, 11, 12)
         _quarter_round(working, 2, 7, 8, 13)
         _quarter_round(working, 3, 4, 9, 14)
-    return [(w + s) & _MASK32 for w, s in zip(working, state)]
+    return [(w + s) & _MASK32 for w, s in zip(working, state, strict=True)]
 
 
 class ChaCha20Stream:

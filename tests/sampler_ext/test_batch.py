@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from reference import ReferenceSampler
+
 from sampler_ext import BatchSampler, SequenceSampler
 
 
@@ -68,7 +68,7 @@ def test_logprobs_only_for_rows_that_ask() -> None:
     batch = BatchSampler(50)
     batch.add(1, seed=0)
     batch.add(2, seed=0, logprobs=True)
-    tokens, logprobs, top_ids, top_logprobs = batch.sample(random_logits(np.random.default_rng(0), (2, 50)), [1, 2])
+    _, logprobs, top_ids, top_logprobs = batch.sample(random_logits(np.random.default_rng(0), (2, 50)), [1, 2])
     assert math.isnan(logprobs[0]) and not math.isnan(logprobs[1])
     assert top_ids.shape == (2, 0) and top_logprobs.shape == (2, 0)
 
@@ -171,7 +171,7 @@ def test_a_mask_of_all_ones_is_no_mask() -> None:
         logits = random_logits(rng, (1, 100))
         with_mask = a.sample(logits, [0], mask_from(np.ones((1, 100), dtype=bool)))
         without = b.sample(logits, [0])
-        for x, y in zip(with_mask, without):
+        for x, y in zip(with_mask, without, strict=True):
             np.testing.assert_array_equal(x, y)
 
 
@@ -293,7 +293,10 @@ def test_nan_and_plus_infinity_are_refused_at_full_vocabulary(bad: float, at: in
 def test_full_vocabulary_edge_cases_match_the_reference(params: dict) -> None:
     vocab_size = 262_144
     rng = np.random.default_rng(9)
-    bias = {int(t): float(v) for t, v in zip(rng.choice(vocab_size, 2000, replace=False), rng.choice([-100.0, 100.0], 2000))}
+    bias = {
+        int(t): float(v)
+        for t, v in zip(rng.choice(vocab_size, 2000, replace=False), rng.choice([-100.0, 100.0], 2000), strict=True)
+    }
     batch = BatchSampler(vocab_size)
     batch.add(0, seed=42, logit_bias=bias, top_logprobs=20, **params)
     reference = ReferenceSampler(vocab_size, seed=42, logit_bias=bias, top_logprobs=20, **params)
@@ -353,5 +356,5 @@ def test_the_helper_thread_changes_nothing(rows: int, params: dict) -> None:
     for _ in range(5):
         logits = random_logits(rng, (rows, vocab_size))
         a, b = shared.sample(logits, list(range(rows))), alone.sample(logits, list(range(rows)))
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from record_samples import bias_for, digest, logits_for
+
 from sampler_ext import BatchSampler, SequenceSampler
 
 RECORDS = json.loads((Path(__file__).parent / "data" / "recorded_samples.json").read_text())

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import ChaCha20Stream, ReferenceSampler
 from scipy.stats import chisquare
 
-from reference import ChaCha20Stream, ReferenceSampler
 from sampler_ext import SequenceSampler
 
 VOCAB_SIZES = [1, 2, 1000, 262_144]
@@ -42,9 +42,7 @@ def assert_same_sample(got, expected) -> None:
     assert token == expected_token
     np.testing.assert_allclose(logprob, expected_logprob, rtol=0, atol=LOGPROB_ATOL)
     assert [t for t, _ in top] == [t for t, _ in expected_top]
-    np.testing.assert_allclose(
-        [lp for _, lp in top], [lp for _, lp in expected_top], rtol=0, atol=LOGPROB_ATOL
-    )
+    np.testing.assert_allclose([lp for _, lp in top], [lp for _, lp in expected_top], rtol=0, atol=LOGPROB_ATOL)
 
 
 # --- agreement with the reference -----------------------------------------------------------
@@ -90,9 +88,7 @@ SAMPLING_PARAMS = [
 @pytest.mark.parametrize("vocab_size", VOCAB_SIZES)
 def test_sampling_matches_reference(vocab_size: int, params: dict) -> None:
     rng = np.random.default_rng(vocab_size + 17)
-    sampler, reference = make_both(
-        vocab_size, seed=12345, logit_bias=random_bias(rng, vocab_size), **params
-    )
+    sampler, reference = make_both(vocab_size, seed=12345, logit_bias=random_bias(rng, vocab_size), **params)
     steps = 5 if vocab_size > 10_000 else 60
     for _ in range(steps):
         logits = random_logits(rng, vocab_size)
@@ -107,8 +103,7 @@ def test_reference_stream_is_standard_chacha20() -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     logits=st.lists(
-        st.sampled_from([-math.inf, -1.0, 0.0, 0.5, 2.0])
-        | st.floats(-30, 30, width=32, allow_subnormal=False),
+        st.sampled_from([-math.inf, -1.0, 0.0, 0.5, 2.0]) | st.floats(-30, 30, width=32, allow_subnormal=False),
         min_size=1,
         max_size=12,
     ),
@@ -261,8 +256,7 @@ def test_bad_parameters_raise_value_error(bad: dict) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(logit_bias=[(0, 1.0)]), dict(logit_bias={"0": 1.0}), dict(temperature="1"),
-     dict(top_logprobs=1.5)],
+    [dict(logit_bias=[(0, 1.0)]), dict(logit_bias={"0": 1.0}), dict(temperature="1"), dict(top_logprobs=1.5)],
     ids=str,
 )
 def test_parameters_of_wrong_type_raise_type_error(bad: dict) -> None:
@@ -370,8 +364,9 @@ def test_record_feeds_the_penalties() -> None:
     assert sampler.sample(logits)[0] == 0  # 0 and 1 are both penalised now
 
 
-@pytest.mark.parametrize("token, error", [(3, ValueError), (-1, ValueError), (2**70, ValueError),
-                                          ("1", TypeError), (1.0, TypeError)])
+@pytest.mark.parametrize(
+    "token, error", [(3, ValueError), (-1, ValueError), (2**70, ValueError), ("1", TypeError), (1.0, TypeError)]
+)
 def test_record_refuses_bad_tokens(token, error) -> None:
     sampler = SequenceSampler(3, seed=0)
     with pytest.raises(error):
@@ -389,9 +384,7 @@ def test_read_only_logits_are_read_and_left_unchanged() -> None:
     logits = random_logits(np.random.default_rng(4), 1000)
     before = logits.copy()
     logits.flags.writeable = False
-    sampler = SequenceSampler(
-        1000, seed=0, temperature=0.8, top_p=0.9, frequency_penalty=1.0, logit_bias={1: 3.0}
-    )
+    sampler = SequenceSampler(1000, seed=0, temperature=0.8, top_p=0.9, frequency_penalty=1.0, logit_bias={1: 3.0})
     for _ in range(10):
         sampler.sample(logits)
     np.testing.assert_array_equal(logits, before)
@@ -407,9 +400,7 @@ def test_samplers_in_threads_agree_with_sequential_runs() -> None:
 
     expected = {seed: run(seed) for seed in range(4)}
     results: dict[int, list] = {}
-    threads = [
-        threading.Thread(target=lambda s=seed: results.__setitem__(s, run(s))) for seed in expected
-    ]
+    threads = [threading.Thread(target=lambda s=seed: results.__setitem__(s, run(s))) for seed in expected]
     for thread in threads:
         thread.start()
     for thread in threads:

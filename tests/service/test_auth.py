@@ -12,7 +12,15 @@ def test_keys_from_env_and_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("header", "ok"),
-    [("Bearer k1", True), ("bearer k2", True), ("Bearer wrong", False), ("k1", False), ("Basic k1", False), (None, False), ("Bearer ", False)],
+    [
+        ("Bearer k1", True),
+        ("bearer k2", True),
+        ("Bearer wrong", False),
+        ("k1", False),
+        ("Basic k1", False),
+        (None, False),
+        ("Bearer ", False),
+    ],
 )
 def test_bearer_check(header, ok):
     assert ApiKeyChecker(["k1", "k2"]).is_valid(header) is ok

@@ -9,7 +9,13 @@ def gemma() -> ChatTemplate:
 
 
 def test_gemma_turns_and_generation_prompt():
-    prompt = gemma().render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}])
+    prompt = gemma().render(
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+        ]
+    )
     assert prompt == (
         "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
         "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
@@ -22,7 +28,12 @@ def test_gemma_puts_system_text_at_the_head_of_the_next_user_turn():
 
 
 def test_embedded_template_wins_over_builtin():
-    template = ChatTemplate.for_model("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}", "gemma3", bos_token="<s>", eos_token="</s>")
+    template = ChatTemplate.for_model(
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}",
+        "gemma3",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     assert template.render([{"role": "user", "content": "x"}]) == "<s>[user]x"
 
 

@@ -45,7 +45,9 @@ def test_stream_matches_unary_and_reports_usage(stub, auth_metadata):
     unary = stub.CreateChatCompletion(request(temperature=0), metadata=auth_metadata, timeout=60)
     chunks = list(
         stub.StreamChatCompletion(
-            request(temperature=0, stream_options=chat_pb2.StreamOptions(include_usage=True)), metadata=auth_metadata, timeout=60
+            request(temperature=0, stream_options=chat_pb2.StreamOptions(include_usage=True)),
+            metadata=auth_metadata,
+            timeout=60,
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -60,7 +62,9 @@ def test_stream_matches_unary_and_reports_usage(stub, auth_metadata):
 
 def test_same_seed_same_text(stub, auth_metadata):
     texts = {
-        stub.CreateChatCompletion(request(temperature=1.0, seed=1234, max_tokens=30), metadata=auth_metadata, timeout=60)
+        stub.CreateChatCompletion(
+            request(temperature=1.0, seed=1234, max_tokens=30), metadata=auth_metadata, timeout=60
+        )
         .choices[0]
         .message.content
         for _ in range(2)
@@ -119,7 +123,11 @@ def test_temperature_zero_equals_llama_cpp_greedy(stub, auth_metadata):
         vocabulary.close()
 
     response = stub.CreateChatCompletion(
-        request(messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text=messages[0]["content"])], temperature=0, max_tokens=40),
+        request(
+            messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text=messages[0]["content"])],
+            temperature=0,
+            max_tokens=40,
+        ),
         metadata=auth_metadata,
         timeout=60,
     )
@@ -128,7 +136,9 @@ def test_temperature_zero_equals_llama_cpp_greedy(stub, auth_metadata):
 
 
 def test_logprobs_follow_tokens(stub, auth_metadata):
-    response = stub.CreateChatCompletion(request(temperature=0, logprobs=True, top_logprobs=5), metadata=auth_metadata, timeout=60)
+    response = stub.CreateChatCompletion(
+        request(temperature=0, logprobs=True, top_logprobs=5), metadata=auth_metadata, timeout=60
+    )
     choice = response.choices[0]
     entries = choice.logprobs.content
     assert len(entries) >= 1
@@ -165,7 +175,9 @@ def test_reflection_lists_and_describes_the_service(grpc_channel):
     assert file_descriptor.package == "chatrpc.v1"
 
 
-@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-key"),), (("authorization", "test-key-0123456789"),)])
+@pytest.mark.parametrize(
+    "metadata", [(), (("authorization", "Bearer wrong-key"),), (("authorization", "test-key-0123456789"),)]
+)
 def test_missing_or_wrong_key_is_unauthenticated(stub, metadata):
     with pytest.raises(grpc.RpcError) as error:
         stub.CreateChatCompletion(request(), metadata=metadata, timeout=10)
@@ -197,9 +209,15 @@ def _param(error: grpc.RpcError) -> str | None:
         ({"stream": True}, "stream"),
         ({"messages": []}, "messages"),
         ({"max_tokens": 100000}, "max_tokens"),
-        ({"tools": [chat_pb2.Tool(type="function", function=chat_pb2.FunctionDefinition(name="bad name"))]}, "tools[0].function.name"),
+        (
+            {"tools": [chat_pb2.Tool(type="function", function=chat_pb2.FunctionDefinition(name="bad name"))]},
+            "tools[0].function.name",
+        ),
         ({"tool_choice": chat_pb2.ToolChoice(mode=chat_pb2.TOOL_CHOICE_MODE_REQUIRED)}, "tool_choice"),
-        ({"response_format": chat_pb2.ResponseFormat(type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA)}, "response_format.json_schema.name"),
+        (
+            {"response_format": chat_pb2.ResponseFormat(type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA)},
+            "response_format.json_schema.name",
+        ),
     ],
 )
 def test_invalid_argument_names_the_parameter(stub, auth_metadata, fields, param):

@@ -25,7 +25,9 @@ def threads() -> set[str]:
 
 
 async def generate(scheduler: Scheduler, prompt: list[int], tokens: int, during: list[set[str]]) -> int:
-    generation = Generation(prompt_tokens=prompt, max_new_tokens=tokens, stop=[], sampling=SamplingParams(temperature=0.0))
+    generation = Generation(
+        prompt_tokens=prompt, max_new_tokens=tokens, stop=[], sampling=SamplingParams(temperature=0.0)
+    )
     seen = 0
     async for update in scheduler.submit(generation).updates():
         assert update.error is None, update.error

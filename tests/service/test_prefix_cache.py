@@ -45,10 +45,20 @@ class Engine:
     """One model with its scheduler, as service.models builds them, with the cache on or off."""
 
     def __init__(
-        self, *, prefix_cache: bool, slots: int = 3, chunk: int = 256, idle_prefill: bool = False, flash_attention: bool = True
+        self,
+        *,
+        prefix_cache: bool,
+        slots: int = 3,
+        chunk: int = 256,
+        idle_prefill: bool = False,
+        flash_attention: bool = True,
     ) -> None:
         self.model = LoadedModel(
-            "test", embedded_model_path(), context_per_sequence=1024, max_sequences=slots, flash_attention=flash_attention
+            "test",
+            embedded_model_path(),
+            context_per_sequence=1024,
+            max_sequences=slots,
+            flash_attention=flash_attention,
         )
         self.scheduler = Scheduler(
             self.model,
@@ -60,15 +70,21 @@ class Engine:
         self.slots = slots
 
     @property
-    def cache(self):  # noqa: ANN201
+    def cache(self):
         return self.scheduler.prefix_cache
 
     def prompt(self, messages: list[dict]) -> list[int]:
         return self.model.render_prompt(messages)
 
-    def run(self, prompt: list[int], *, n: int = 1, max_tokens: int = 32, cancel_after: int | None = None, **sampling) -> list[Choice]:
+    def run(
+        self, prompt: list[int], *, n: int = 1, max_tokens: int = 32, cancel_after: int | None = None, **sampling
+    ) -> list[Choice]:
         generation = Generation(
-            prompt_tokens=prompt, max_new_tokens=max_tokens, stop=[], n=n, sampling=SamplingParams(logprobs=True, **sampling)
+            prompt_tokens=prompt,
+            max_new_tokens=max_tokens,
+            stop=[],
+            n=n,
+            sampling=SamplingParams(logprobs=True, **sampling),
         )
         return asyncio.run(self._collect(generation, cancel_after))
 
@@ -89,9 +105,9 @@ class Engine:
                 # Updates may still come until the scheduler's next step: keep their loop open.
                 await self._until_idle(asyncio.sleep)
                 break
-        return [Choice(t, tuple(lp), f) for t, lp, f in zip(texts, logprobs, finish)]
+        return [Choice(t, tuple(lp), f) for t, lp, f in zip(texts, logprobs, finish, strict=True)]
 
-    async def _until_idle(self, sleep) -> None:  # noqa: ANN001
+    async def _until_idle(self, sleep) -> None:
         """Until every slot is back (a cancelled request leaves at the scheduler's next step)."""
         deadline = time.monotonic() + 60
         while self.cache.free_count < self.slots:
@@ -115,10 +131,16 @@ def engine_pair():
     """Makes (with the cache, without) of a size, and closes them after the test."""
     made: list[Engine] = []
 
-    def make(*, slots: int = 3, chunk: int = 256, idle_prefill: bool = False, flash_attention: bool = True) -> tuple[Engine, Engine]:
+    def make(
+        *, slots: int = 3, chunk: int = 256, idle_prefill: bool = False, flash_attention: bool = True
+    ) -> tuple[Engine, Engine]:
         # Idle prefill off unless asked for: with it, how much a request reuses depends on how far
         # the idle pieces got before it came (the output never does).
-        made.append(Engine(prefix_cache=True, slots=slots, chunk=chunk, idle_prefill=idle_prefill, flash_attention=flash_attention))
+        made.append(
+            Engine(
+                prefix_cache=True, slots=slots, chunk=chunk, idle_prefill=idle_prefill, flash_attention=flash_attention
+            )
+        )
         made.append(Engine(prefix_cache=False, slots=slots, chunk=chunk, flash_attention=flash_attention))
         return made[-2], made[-1]
 
@@ -163,21 +185,29 @@ def test_multi_turn_chat_is_identical_with_the_cache_and_reuses_the_history(samp
         else:
             # Whole chunks at least; with 256-token chunks also the previous prompt's last chunk
             # (prefilled with >= 64 rows), so reuse ends between chunk boundaries.
-            assert shared_chunks(previous, prompt, chunk) <= reused <= common_prefix(previous, prompt), f"turn {turn + 1}"
+            assert shared_chunks(previous, prompt, chunk) <= reused <= common_prefix(previous, prompt), (
+                f"turn {turn + 1}"
+            )
             partial_reuse = partial_reuse or reused % chunk != 0
         previous = prompt
         messages.append({"role": "assistant", "content": expected[0].text})
     assert cached.cache.stats.reused_tokens >= chunk  # the chat did reach a reusable chunk
     assert partial_reuse == (chunk == 256)  # 64-token chunks are all whole or too short to reuse
     # Every prompt token was either prefilled or taken from the cache; without it, all prefilled.
-    assert cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens == plain.scheduler.timings.prefilled_tokens
+    assert (
+        cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens
+        == plain.scheduler.timings.prefilled_tokens
+    )
     assert plain.cache.stats.reused_tokens == 0
 
 
 def test_more_prefixes_than_slots_evicts_the_least_recently_used(engine_pair):
     cached, plain = engine_pair(slots=2, chunk=64)
     first = {topic: [{"role": "user", "content": question(topic, 0)}] for topic in TOPICS[:3]}
-    follow = {topic: [*m, {"role": "assistant", "content": "Yes."}, {"role": "user", "content": question(topic, 1)}] for topic, m in first.items()}
+    follow = {
+        topic: [*m, {"role": "assistant", "content": "Yes."}, {"role": "user", "content": question(topic, 1)}]
+        for topic, m in first.items()
+    }
     a, b, c = TOPICS[:3]
 
     def both(messages: list[dict]) -> int:
@@ -252,7 +282,10 @@ def test_idle_prefill_lets_the_next_turn_reuse_the_answer(flash_attention, engin
     assert cached.cache.stats.idle_prefilled_tokens >= 2 * 64
     assert cached.cache.stats.idle_prefills_interrupted == 0
     # Idle prefill is counted apart: every prompt token was still prefilled once or reused.
-    assert cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens == plain.scheduler.timings.prefilled_tokens
+    assert (
+        cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens
+        == plain.scheduler.timings.prefilled_tokens
+    )
 
 
 def test_a_request_stops_idle_prefill_which_resumes_once_idle_again(engine_pair, caplog):
@@ -273,7 +306,11 @@ def test_a_request_stops_idle_prefill_which_resumes_once_idle_again(engine_pair,
     # llama.cpp reports a stopped decode at ERROR level; a stop on purpose is no error of the server.
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     cached.wait_idle_prefill()  # idle again: the stopped piece is done after all
-    follow = [*first, {"role": "assistant", "content": answer[0].text}, {"role": "user", "content": question(TOPICS[3], 1)}]
+    follow = [
+        *first,
+        {"role": "assistant", "content": answer[0].text},
+        {"role": "user", "content": question(TOPICS[3], 1)},
+    ]
     prompt_2 = cached.prompt(follow)
     reused_before = cached.cache.stats.reused_tokens
     assert cached.run(prompt_2, max_tokens=24, temperature=0.0) == plain.run(prompt_2, max_tokens=24, temperature=0.0)

@@ -15,10 +15,14 @@ from tests.conftest import REPO, start_server, stop_server
 NEVER_END = {1: -100.0, 106: -100.0, 212: -100.0}  # Gemma's end-of-generation tokens
 
 
-@pytest.mark.parametrize("command", [["grpc", "--host", "0.0.0.0"], ["serve", "--host", "0.0.0.0"], ["serve", "--grpc-host", "::"]])
+@pytest.mark.parametrize(
+    "command", [["grpc", "--host", "0.0.0.0"], ["serve", "--host", "0.0.0.0"], ["serve", "--grpc-host", "::"]]
+)
 def test_open_server_refuses_a_non_loopback_address(command):
     env = {k: v for k, v in __import__("os").environ.items() if k != "CHATRPC_API_KEYS"}
-    result = subprocess.run([sys.executable, "-m", "chatrpc", *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "chatrpc", *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert "refusing to listen" in result.stderr and "--insecure" in result.stderr
 

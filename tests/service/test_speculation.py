@@ -95,7 +95,7 @@ class Engine:
         self.grammars = GrammarCompiler(self.model.vocab, self.model.vocab_size)
         self.scheduler = Scheduler(self.model, self.grammars, speculative_tokens=speculative_tokens, prefix_cache=False)
 
-    def run(self, content: str, *, n: int = 1, max_tokens: int = 96, stop=(), grammar=None, **sampling):  # noqa: ANN001, ANN201
+    def run(self, content: str, *, n: int = 1, max_tokens: int = 96, stop=(), grammar=None, **sampling):
         prompt = self.model.render_prompt([{"role": "user", "content": content}])
         generation = Generation(
             prompt_tokens=prompt, max_new_tokens=max_tokens, stop=list(stop), n=n, grammar=grammar,
@@ -103,7 +103,7 @@ class Engine:
         )  # fmt: skip
         return asyncio.run(self._collect(generation))
 
-    async def _collect(self, generation: Generation):  # noqa: ANN202
+    async def _collect(self, generation: Generation):
         texts = [""] * generation.n
         logprobs: list[list[float]] = [[] for _ in range(generation.n)]
         finish = [None] * generation.n
@@ -114,7 +114,7 @@ class Engine:
             logprobs[update.index] += [entry.logprob for entry in update.logprobs or ()]
             finish[update.index] = update.finish_reason or finish[update.index]
             tokens[update.index] = update.completion_tokens
-        return list(zip(texts, logprobs, finish, tokens))
+        return list(zip(texts, logprobs, finish, tokens, strict=True))
 
     def close(self) -> None:
         self.scheduler.close()
@@ -143,7 +143,14 @@ def assert_same(guessing: Engine, plain: Engine, content: str, **params) -> tupl
     [
         {"temperature": 0.0},
         {"temperature": 0.8, "seed": 11},
-        {"temperature": 1.0, "top_p": 0.9, "seed": 3, "frequency_penalty": 0.3, "presence_penalty": 0.2, "logit_bias": {1: -100.0, 106: -100.0}},
+        {
+            "temperature": 1.0,
+            "top_p": 0.9,
+            "seed": 3,
+            "frequency_penalty": 0.3,
+            "presence_penalty": 0.2,
+            "logit_bias": {1: -100.0, 106: -100.0},
+        },
     ],
     ids=["greedy", "seeded", "penalties"],
 )
@@ -159,12 +166,16 @@ def test_same_tokens_and_logprobs_with_and_without_guessing(engines, sampling):
 def test_max_tokens_and_stop_strings_inside_a_guess(engines):
     guessing, plain = engines
     for max_tokens in (1, 2, 5, 13):
-        (choice,), _ = assert_same(guessing, plain, PROMPTS[0], max_tokens=max_tokens, temperature=0.0, logit_bias={1: -100.0, 106: -100.0})
+        (choice,), _ = assert_same(
+            guessing, plain, PROMPTS[0], max_tokens=max_tokens, temperature=0.0, logit_bias={1: -100.0, 106: -100.0}
+        )
         assert choice[3] == max_tokens and choice[2] == "length"
     # A stop string from the middle of the plain engine's own answer, so that it surely occurs.
     ((text, *_),) = plain.run(PROMPTS[0], max_tokens=96, temperature=0.0, logit_bias={1: -100.0, 106: -100.0})
     stop = text[len(text) // 2 : len(text) // 2 + 5]
-    (choice,), _ = assert_same(guessing, plain, PROMPTS[0], max_tokens=96, temperature=0.0, stop=[stop], logit_bias={1: -100.0, 106: -100.0})
+    (choice,), _ = assert_same(
+        guessing, plain, PROMPTS[0], max_tokens=96, temperature=0.0, stop=[stop], logit_bias={1: -100.0, 106: -100.0}
+    )
     assert choice[2] == "stop" and choice[0] == text[: text.index(stop)]
 
 
@@ -177,7 +188,9 @@ def test_json_schema_with_guessing(engines):
         "additionalProperties": False,
     }
     grammar = guessing.grammars.from_json_schema(schema, param="response_format")
-    (choice,), _ = assert_same(guessing, plain, "List some fruits as JSON.", grammar=grammar, temperature=0.7, seed=2, max_tokens=120)
+    (choice,), _ = assert_same(
+        guessing, plain, "List some fruits as JSON.", grammar=grammar, temperature=0.7, seed=2, max_tokens=120
+    )
     if choice[2] == "stop":
         jsonschema.validate(json.loads(choice[0]), schema)
 

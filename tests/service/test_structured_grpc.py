@@ -13,7 +13,10 @@ from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 MODEL = "gemma-3-270m"
 SCHEMA = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -38,10 +41,14 @@ def stub(grpc_channel):
 
 
 def test_n_choices_unary_and_stream_agree(stub, auth_metadata):
-    unary = stub.CreateChatCompletion(request(n=3, seed=99, temperature=1.0, max_tokens=12), metadata=auth_metadata, timeout=120)
+    unary = stub.CreateChatCompletion(
+        request(n=3, seed=99, temperature=1.0, max_tokens=12), metadata=auth_metadata, timeout=120
+    )
     assert [c.index for c in unary.choices] == [0, 1, 2]
     texts = {0: "", 1: "", 2: ""}
-    for chunk in stub.StreamChatCompletion(request(n=3, seed=99, temperature=1.0, max_tokens=12), metadata=auth_metadata, timeout=120):
+    for chunk in stub.StreamChatCompletion(
+        request(n=3, seed=99, temperature=1.0, max_tokens=12), metadata=auth_metadata, timeout=120
+    ):
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content
     assert [texts[i] for i in range(3)] == [c.message.content for c in unary.choices]
@@ -49,15 +56,20 @@ def test_n_choices_unary_and_stream_agree(stub, auth_metadata):
 
 def test_json_schema_over_grpc(stub, auth_metadata):
     response_format = chat_pb2.ResponseFormat(
-        type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=chat_pb2.JsonSchema(name="person", schema=struct(SCHEMA))
+        type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+        json_schema=chat_pb2.JsonSchema(name="person", schema=struct(SCHEMA)),
     )
-    response = stub.CreateChatCompletion(request(response_format=response_format, seed=1), metadata=auth_metadata, timeout=120)
+    response = stub.CreateChatCompletion(
+        request(response_format=response_format, seed=1), metadata=auth_metadata, timeout=120
+    )
     assert response.choices[0].finish_reason == chat_pb2.FINISH_REASON_STOP
     jsonschema.validate(json.loads(response.choices[0].message.content), SCHEMA)
 
 
 def test_forced_tool_call_over_grpc_stream(stub, auth_metadata):
-    tool = chat_pb2.Tool(type="function", function=chat_pb2.FunctionDefinition(name="lookup", parameters=struct(SCHEMA)))
+    tool = chat_pb2.Tool(
+        type="function", function=chat_pb2.FunctionDefinition(name="lookup", parameters=struct(SCHEMA))
+    )
     chunks = list(
         stub.StreamChatCompletion(
             request(tools=[tool], tool_choice=chat_pb2.ToolChoice(function_name="lookup"), temperature=0),
