@@ -8,9 +8,6 @@ Logits: at V = 262,144 the real ones of the default model (Gemma 3), captured by
 at V = 32,000 and 128,256 synthetic rows drawn from the values of those real rows, so that they
 have the same shape (a few tokens far above a long tail).
 
-chatrpc is timed with its helper thread (which takes a share of large rows and batches; called
-back to back, it is still awake from the call before) and with the helper off ("1 thread").
-
 Cases, each the median time per token:
   greedy             temperature 0
   greedy+top20       temperature 0, top 20 logprobs
@@ -24,6 +21,7 @@ computes no logprobs, so its "+top20" cases are the same as without.
 
 Also measured: the cost of a token mask (30 % and 1 % of tokens allowed) on one row, and one decode
 step of the default model for one sequence, to put the sampler's share of a step in numbers.
+Results, with the machine and the commit they were measured on, are in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -91,18 +89,12 @@ def median_seconds(step, repeats: int) -> float:
 # --- (a) chatrpc -----------------------------------------------------------------------------
 
 
-def time_chatrpc(
-    logits: np.ndarray,
-    case: str,
-    repeats: int,
-    masks: np.ndarray | None = None,
-    helper_thread: bool = True,
-) -> float:
+def time_chatrpc(logits: np.ndarray, case: str, repeats: int, masks: np.ndarray | None = None) -> float:
     """Median seconds per row."""
     vocab_size = logits.shape[1]
     rows = 8 if case == "batch8" else 1
     params = params_for("full" if case == "batch8" else case, vocab_size)
-    sampler = BatchSampler(vocab_size, helper_thread=helper_thread)
+    sampler = BatchSampler(vocab_size)
     keys = np.arange(rows, dtype=np.int64)
     for key in keys:
         sampler.add(int(key), seed=int(key), logprobs="top_logprobs" in params, **params)
@@ -232,11 +224,8 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, {platform.python_version()}, numpy {np.__version__}, "
         f"llama-cpp-python {llama_cpp.__version__}\n"
     )
-    print(
-        "| V | case | chatrpc ms | chatrpc, 1 thread ms | numpy reference ms | llama.cpp chain ms "
-        "| vs reference | vs llama.cpp | 1 thread vs llama.cpp |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| V | case | chatrpc ms | numpy reference ms | llama.cpp chain ms | vs reference | vs llama.cpp |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     results = {}
     floors = {}
     for vocab_size in VOCAB_SIZES:
@@ -245,13 +234,12 @@ def main() -> None:
         floors[vocab_size] = median_seconds(lambda i, rows=logits: rows[i % len(rows)].max(), ours_n)
         for case in CASES:
             ours = time_chatrpc(logits, case, ours_n)
-            alone = time_chatrpc(logits, case, ours_n, helper_thread=False)
             reference = time_reference(logits, case, ref_n)
             llama = time_llama(logits, case, llama_n)
             results[vocab_size, case] = ours
             print(
-                f"| {vocab_size:,} | {case} | {ms(ours)} | {ms(alone)} | {ms(reference)} | {ms(llama)} | "
-                f"{reference / ours:.0f}x | {llama / ours:.1f}x | {llama / alone:.1f}x |",
+                f"| {vocab_size:,} | {case} | {ms(ours)} | {ms(reference)} | {ms(llama)} | "
+                f"{reference / ours:.0f}x | {llama / ours:.1f}x |",
                 flush=True,
             )
 

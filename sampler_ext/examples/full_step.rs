@@ -1,6 +1,5 @@
 //! The benchmark's cases on the captured Gemma logits, in Rust alone (no Python), for profiling:
-//! `cargo run --release --example full_step -- [full|greedy|greedy+top20|full+top20] [steps] [alone]`
-//! (`alone`: without the helper thread).
+//! `cargo run --release --example full_step -- [full|greedy|greedy+top20|full+top20] [steps]`
 use _native::batch::BatchSampler;
 use _native::sampler::SamplerConfig;
 use std::time::Instant;
@@ -21,7 +20,7 @@ fn main() {
         .collect();
     let vocab = 262_144usize;
     let rows = logits.len() / vocab;
-    let mut config = SamplerConfig::new(vocab as i64, 0);
+    let mut config = SamplerConfig::new(0);
     if case.starts_with("greedy") {
         config.temperature = 0.0;
     } else {
@@ -41,7 +40,6 @@ fn main() {
         config.logprobs = true;
     }
     let mut sampler = BatchSampler::new(vocab as i64).unwrap();
-    sampler.set_helper_thread(args.get(3).map(|s| s.as_str()) != Some("alone"));
     sampler.add(0, &config).unwrap();
     for i in 0..500 {
         sampler.record(0, ((i * 104_729) % vocab) as i64).unwrap();

@@ -5,17 +5,10 @@
 //! when all rows succeeded, so a bad row leaves every sequence as it was.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use crate::error::SamplerError;
-use crate::sampler::{SamplerConfig, Sequence};
-use crate::step::{mask_words, Cores, LogprobPrecision, Pending, Scratch, StepMode};
-
-/// From this many logits in a batch (rows times vocabulary) rows are shared between this thread
-/// and the helper; below, rows go one by one and only a large row's scan is shared (waking the
-/// helper costs tens of microseconds, more than it saves on small batches).
-const PARALLEL_MIN_LOGITS: usize = 2 * 100_000;
+use crate::sampler::{check_vocab_size, SamplerConfig, Sequence};
+use crate::step::{mask_words, Pending, Scratch};
 
 /// What one batch call returns, row by row.
 #[derive(Debug, Clone, Default)]
@@ -30,34 +23,21 @@ pub struct BatchOutput {
     pub top_k: usize,
 }
 
-/// The sequences of one model and the scratch space of each worker thread.
+/// The sequences of one model, and the scratch space their steps share.
 #[derive(Debug, Default)]
 pub struct BatchSampler {
     vocab_size: usize,
     sequences: HashMap<i64, Sequence>,
-    scratch: Vec<Scratch>,
-    /// Whether large rows and batches may use the helper thread (see `parallel.rs`).
-    helper_thread: bool,
+    scratch: Scratch,
 }
 
 impl BatchSampler {
     pub fn new(vocab_size: i64) -> Result<Self, SamplerError> {
-        // Validate the vocabulary size as a sequence would.
-        let probe = SamplerConfig::new(vocab_size, 0);
-        let vocab_size = crate::sampler::Params::new(&probe)?.vocab_size;
         Ok(Self {
-            vocab_size,
+            vocab_size: check_vocab_size(vocab_size)?,
             sequences: HashMap::new(),
-            // One for this thread and one for the helper (see `parallel.rs`).
-            scratch: vec![Scratch::default(), Scratch::default()],
-            helper_thread: true,
+            scratch: Scratch::default(),
         })
-    }
-
-    /// Off, every call runs on the calling thread alone (to measure what the helper brings, or
-    /// where the caller keeps both cores busy itself).
-    pub fn set_helper_thread(&mut self, on: bool) {
-        self.helper_thread = on;
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -86,16 +66,13 @@ impl BatchSampler {
             .ok_or(SamplerError::UnknownKey(key))
     }
 
-    /// Registers a sequence; `config.vocab_size` must be this sampler's.
+    /// Registers a sequence over this sampler's vocabulary.
     pub fn add(&mut self, key: i64, config: &SamplerConfig) -> Result<(), SamplerError> {
         if self.sequences.contains_key(&key) {
             return Err(SamplerError::KeyExists(key));
         }
-        let config = SamplerConfig {
-            vocab_size: self.vocab_size as i64,
-            ..config.clone()
-        };
-        self.sequences.insert(key, Sequence::new(&config)?);
+        self.sequences
+            .insert(key, Sequence::new(self.vocab_size, config)?);
         Ok(())
     }
 
@@ -119,6 +96,37 @@ impl BatchSampler {
         keys: &[i64],
         masks: Option<&[u32]>,
     ) -> Result<BatchOutput, SamplerError> {
+        self.check_batch(logits, keys, masks)?;
+        let (vocab, words) = (self.vocab_size, mask_words(self.vocab_size));
+        let mut chosen: Vec<(Pending, Vec<(u32, f64)>)> = Vec::with_capacity(keys.len());
+        for (row, &key) in keys.iter().enumerate() {
+            let row_logits = &logits[row * vocab..(row + 1) * vocab];
+            let mask = masks.map(|m| &m[row * words..(row + 1) * words]);
+            let pending = self.sequences[&key]
+                .choose(row_logits, mask, &mut self.scratch)
+                .map_err(|source| SamplerError::Row {
+                    row,
+                    key,
+                    source: Box::new(source),
+                })?;
+            chosen.push((pending, self.scratch.top_logprobs.clone()));
+        }
+        let out = self.output(keys, &chosen);
+        for (&key, (pending, _)) in keys.iter().zip(&chosen) {
+            if let Some(sequence) = self.sequences.get_mut(&key) {
+                sequence.commit(pending);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses arrays whose sizes do not fit the keys, and unknown or repeated keys.
+    fn check_batch(
+        &self,
+        logits: &[f32],
+        keys: &[i64],
+        masks: Option<&[u32]>,
+    ) -> Result<(), SamplerError> {
         let (rows, vocab, words) = (keys.len(), self.vocab_size, mask_words(self.vocab_size));
         if logits.len() != rows * vocab {
             return Err(SamplerError::BatchShape(format!(
@@ -147,75 +155,15 @@ impl BatchSampler {
                 return Err(row_error(SamplerError::KeyRepeated(key)));
             }
         }
+        Ok(())
+    }
 
-        let sequences = &self.sequences;
-        let choose_row = |row: usize, scratch: &mut Scratch, cores: Cores| {
-            let key = keys[row];
-            let sequence = &sequences[&key];
-            let row_logits = &logits[row * vocab..(row + 1) * vocab];
-            let mask = masks.map(|m| &m[row * words..(row + 1) * words]);
-            sequence
-                .choose(
-                    row_logits,
-                    mask,
-                    scratch,
-                    StepMode {
-                        precision: LogprobPrecision::Fast,
-                        cores,
-                    },
-                )
-                .map(|pending| (pending, scratch.top_logprobs.clone()))
-                .map_err(|source| SamplerError::Row {
-                    row,
-                    key,
-                    source: Box::new(source),
-                })
-        };
-        let results: Vec<Result<_, SamplerError>> = if self.helper_thread
-            && rows > 1
-            && rows * vocab >= PARALLEL_MIN_LOGITS
-            && crate::parallel::available()
-        {
-            // Rows handed out one at a time to this thread and the helper, each with its own
-            // scratch, so that a helper that wakes late just takes fewer rows.
-            let next = AtomicUsize::new(0);
-            let scratches = Mutex::new(self.scratch.iter_mut().collect::<Vec<_>>());
-            let done = Mutex::new(Vec::with_capacity(rows));
-            crate::parallel::on_both(|| {
-                let Some(scratch) = scratches.lock().ok().and_then(|mut s| s.pop()) else {
-                    return;
-                };
-                loop {
-                    let row = next.fetch_add(1, Ordering::Relaxed);
-                    if row >= rows {
-                        break;
-                    }
-                    let result = choose_row(row, scratch, Cores::One);
-                    if let Ok(mut done) = done.lock() {
-                        done.push((row, result));
-                    }
-                }
-            });
-            let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
-            done.sort_unstable_by_key(|&(row, _)| row);
-            done.into_iter().map(|(_, result)| result).collect()
-        } else {
-            // One row, or rows too small to share: each large row shares its own scan.
-            let cores = if self.helper_thread {
-                Cores::Both
-            } else {
-                Cores::One
-            };
-            (0..rows)
-                .map(|row| choose_row(row, &mut self.scratch[0], cores))
-                .collect()
-        };
-        let chosen: Vec<(Pending, Vec<(u32, f64)>)> =
-            results.into_iter().collect::<Result<_, _>>()?;
-
+    /// The chosen rows as arrays, top logprobs padded to the largest `top_logprobs` of the rows.
+    fn output(&self, keys: &[i64], chosen: &[(Pending, Vec<(u32, f64)>)]) -> BatchOutput {
+        let rows = keys.len();
         let top_k = keys
             .iter()
-            .map(|key| sequences[key].params.top_logprobs)
+            .map(|key| self.sequences[key].params.top_logprobs)
             .max()
             .unwrap_or(0);
         let mut out = BatchOutput {
@@ -233,11 +181,6 @@ impl BatchSampler {
                 out.top_logprobs[row * top_k + i] = logprob as f32;
             }
         }
-        for (&key, (pending, _)) in keys.iter().zip(&chosen) {
-            if let Some(sequence) = self.sequences.get_mut(&key) {
-                sequence.commit(pending);
-            }
-        }
-        Ok(out)
+        out
     }
 }

@@ -8,7 +8,6 @@ pub mod batch;
 pub mod error;
 pub mod interrupt;
 pub mod kernels;
-pub mod parallel;
 pub mod rng;
 pub mod sampler;
 pub mod step;
@@ -23,128 +22,51 @@ use pyo3::types::{PyDict, PyInt};
 pub use batch::{BatchOutput, BatchSampler};
 pub use error::SamplerError;
 pub use interrupt::DecodeInterrupt;
-pub use sampler::{Sample, SamplerConfig, SequenceSampler};
+pub use sampler::SamplerConfig;
 
-/// `(token, logprob, [(token, logprob), ...])`, as Python receives a sample.
-type SampleTuple = (u32, f64, Vec<(u32, f64)>);
+/// What `BatchSampler.sample` chose, row by row: the arrays of a [`BatchOutput`], handed to
+/// Python as they are.
+#[pyclass(name = "Sampled", module = "sampler_ext._native", frozen)]
+pub struct PySampled {
+    /// `int32[rows]`: the chosen token of each row.
+    #[pyo3(get)]
+    tokens: Py<PyArray1<i32>>,
+    /// `float32[rows]`: the raw logprob of each chosen token, NaN where the row asked for none.
+    #[pyo3(get)]
+    logprobs: Py<PyArray1<f32>>,
+    /// `int32[rows, k]`: the `k` most likely tokens of each row, padded with -1.
+    #[pyo3(get)]
+    top_ids: Py<PyArray2<i32>>,
+    /// `float32[rows, k]`: their raw logprobs, padded with NaN.
+    #[pyo3(get)]
+    top_logprobs: Py<PyArray2<f32>>,
+}
 
-/// Samples the tokens of one sequence: logit bias, frequency and presence penalties over its own
-/// history, temperature, top-p and a draw from a ChaCha20 stream seeded by `seed`.
-///
-/// Logprobs are the log-softmax of the raw logits, before bias, penalties, temperature and top-p.
-#[pyclass(name = "SequenceSampler", module = "sampler_ext._native")]
-pub struct PySequenceSampler {
-    inner: SequenceSampler,
-    config: SamplerConfig,
+impl PySampled {
+    fn new(py: Python<'_>, out: BatchOutput) -> PyResult<Self> {
+        let (rows, k) = (out.tokens.len(), out.top_k);
+        Ok(Self {
+            tokens: out.tokens.into_pyarray(py).unbind(),
+            logprobs: out.logprobs.into_pyarray(py).unbind(),
+            top_ids: out.top_ids.into_pyarray(py).reshape([rows, k])?.unbind(),
+            top_logprobs: out
+                .top_logprobs
+                .into_pyarray(py)
+                .reshape([rows, k])?
+                .unbind(),
+        })
+    }
 }
 
 #[pymethods]
-impl PySequenceSampler {
-    #[new]
-    #[pyo3(signature = (
-        vocab_size, *, seed, temperature = 1.0, top_p = 1.0, frequency_penalty = 0.0,
-        presence_penalty = 0.0, logit_bias = None, top_logprobs = None,
-    ))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        vocab_size: &Bound<'_, PyAny>,
-        seed: &Bound<'_, PyAny>,
-        temperature: f64,
-        top_p: f64,
-        frequency_penalty: f64,
-        presence_penalty: f64,
-        logit_bias: Option<&Bound<'_, PyDict>>,
-        top_logprobs: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
-        let bias = extract_bias(logit_bias)?;
-        let config = SamplerConfig {
-            vocab_size: extract_int(vocab_size, "vocab_size")?,
-            seed: extract_seed(seed)?,
-            temperature,
-            top_p,
-            frequency_penalty,
-            presence_penalty,
-            logit_bias: bias,
-            top_logprobs: match top_logprobs {
-                Some(k) => extract_int(k, "top_logprobs")?,
-                None => 0,
-            },
-            logprobs: true,
+impl PySampled {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let [rows, k] = *self.top_ids.bind(py).shape() else {
+            unreachable!("top_ids has two dimensions")
         };
-        let inner = SequenceSampler::new(config.clone())?;
-        Ok(Self { inner, config })
-    }
-
-    /// Chooses the next token from a 1-D, C-contiguous float32 array of `vocab_size` logits (only
-    /// read, never written) and records it. Returns `(token, logprob, top_logprobs)`.
-    fn sample(
-        &mut self,
-        py: Python<'_>,
-        logits: PyReadonlyArray1<'_, f32>,
-    ) -> PyResult<SampleTuple> {
-        let logits = logits.as_slice().map_err(|_| SamplerError::NotContiguous)?;
-        let inner = &mut self.inner;
-        let sample = py.detach(|| inner.sample(logits))?;
-        Ok((sample.token, sample.logprob, sample.top_logprobs))
-    }
-
-    /// Adds `token` to the history without sampling; penalties will count it.
-    fn record(&mut self, token: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.inner.record(extract_int(token, "token id")?)?;
-        Ok(())
-    }
-
-    /// How many tokens are in the history (sampled or recorded).
-    #[getter]
-    fn generated(&self) -> usize {
-        self.inner.generated()
-    }
-
-    #[getter]
-    fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
-    }
-
-    fn __repr__(&self) -> String {
-        let c = &self.config;
-        format!(
-            "SequenceSampler(vocab_size={}, seed={}, temperature={:?}, top_p={:?}, \
-             frequency_penalty={:?}, presence_penalty={:?}, logit_bias=<{} entries>, \
-             top_logprobs={}, generated={})",
-            c.vocab_size,
-            c.seed,
-            c.temperature,
-            c.top_p,
-            c.frequency_penalty,
-            c.presence_penalty,
-            c.logit_bias.len(),
-            c.top_logprobs,
-            self.inner.generated(),
-        )
+        format!("Sampled(rows={rows}, top_logprobs={k})")
     }
 }
-
-fn extract_bias(logit_bias: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(i64, f64)>> {
-    let mut bias = Vec::new();
-    if let Some(dict) = logit_bias {
-        bias.reserve(dict.len());
-        for (token, value) in dict.iter() {
-            bias.push((
-                extract_int(&token, "logit_bias token id")?,
-                value.extract::<f64>()?,
-            ));
-        }
-    }
-    Ok(bias)
-}
-
-/// `(tokens, logprobs, top_ids, top_logprobs)`, as Python receives a batch.
-type BatchTuple<'py> = (
-    Bound<'py, PyArray1<i32>>,
-    Bound<'py, PyArray1<f32>>,
-    Bound<'py, PyArray2<i32>>,
-    Bound<'py, PyArray2<f32>>,
-);
 
 /// Samples every sequence of a decode step in one call; the sequences (history, random stream)
 /// live on the Rust side between steps, under the caller's integer keys.
@@ -159,10 +81,8 @@ pub struct PyBatchSampler {
 #[pymethods]
 impl PyBatchSampler {
     #[new]
-    #[pyo3(signature = (vocab_size, *, helper_thread = true))]
-    fn new(vocab_size: &Bound<'_, PyAny>, helper_thread: bool) -> PyResult<Self> {
-        let mut inner = BatchSampler::new(extract_int(vocab_size, "vocab_size")?)?;
-        inner.set_helper_thread(helper_thread);
+    fn new(vocab_size: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let inner = BatchSampler::new(extract_int(vocab_size, "vocab_size")?)?;
         Ok(Self { inner })
     }
 
@@ -184,7 +104,6 @@ impl PyBatchSampler {
         logprobs: bool,
     ) -> PyResult<()> {
         let config = SamplerConfig {
-            vocab_size: self.inner.vocab_size() as i64,
             seed: extract_seed(seed)?,
             temperature,
             top_p,
@@ -224,7 +143,7 @@ impl PyBatchSampler {
         logits: PyReadonlyArray2<'py, f32>,
         keys: &Bound<'py, PyAny>,
         masks: Option<PyReadonlyArray2<'py, u32>>,
-    ) -> PyResult<BatchTuple<'py>> {
+    ) -> PyResult<PySampled> {
         let keys: Vec<i64> = match keys.extract::<PyReadonlyArray1<'py, i64>>() {
             Ok(array) => array.as_array().to_vec(),
             Err(_) => keys.extract()?,
@@ -248,13 +167,7 @@ impl PyBatchSampler {
         };
         let inner = &mut self.inner;
         let out = py.detach(|| inner.sample(logits, &keys, masks))?;
-        let (n, k) = (out.tokens.len(), out.top_k);
-        Ok((
-            out.tokens.into_pyarray(py),
-            out.logprobs.into_pyarray(py),
-            out.top_ids.into_pyarray(py).reshape([n, k])?,
-            out.top_logprobs.into_pyarray(py).reshape([n, k])?,
-        ))
+        PySampled::new(py, out)
     }
 
     fn __len__(&self) -> usize {
@@ -277,6 +190,20 @@ impl PyBatchSampler {
             self.inner.len()
         )
     }
+}
+
+fn extract_bias(logit_bias: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(i64, f64)>> {
+    let mut bias = Vec::new();
+    if let Some(dict) = logit_bias {
+        bias.reserve(dict.len());
+        for (token, value) in dict.iter() {
+            bias.push((
+                extract_int(&token, "logit_bias token id")?,
+                value.extract::<f64>()?,
+            ));
+        }
+    }
+    Ok(bias)
 }
 
 /// An integer argument as `i64`; a Python int too large for it is a `ValueError` (out of range),
@@ -318,7 +245,9 @@ pub struct PyDecodeInterrupt {
 impl PyDecodeInterrupt {
     #[new]
     fn new() -> Self {
-        Self { inner: DecodeInterrupt::new() }
+        Self {
+            inner: DecodeInterrupt::new(),
+        }
     }
 
     /// Ask the decode that is running (or the next one) to stop.
@@ -350,8 +279,8 @@ impl PyDecodeInterrupt {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PySequenceSampler>()?;
     m.add_class::<PyBatchSampler>()?;
+    m.add_class::<PySampled>()?;
     m.add_class::<PyDecodeInterrupt>()?;
     Ok(())
 }

@@ -34,7 +34,7 @@
 
 use crate::error::SamplerError;
 use crate::rng::SequenceRng;
-use crate::step::{self, Cores, LogprobPrecision, Pending, Scratch, StepMode};
+use crate::step::{self, Pending, Scratch};
 
 /// OpenAI allows at most 20 `top_logprobs`.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -46,10 +46,9 @@ pub const GREEDY_BELOW_TEMPERATURE: f64 = 1e-5;
 /// Largest vocabulary accepted: token ids are `int32` in llama.cpp and in the gRPC API.
 pub const MAX_VOCAB_SIZE: usize = i32::MAX as usize;
 
-/// The sampling parameters of one sequence, as given by the caller (not yet validated).
+/// The sampling parameters of one sequence, as given by the caller (not yet checked).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplerConfig {
-    pub vocab_size: i64,
     pub seed: u64,
     pub temperature: f64,
     pub top_p: f64,
@@ -64,9 +63,8 @@ pub struct SamplerConfig {
 
 impl SamplerConfig {
     /// OpenAI's defaults: temperature 1, top-p 1, no penalties, no bias, no top logprobs.
-    pub fn new(vocab_size: i64, seed: u64) -> Self {
+    pub fn new(seed: u64) -> Self {
         Self {
-            vocab_size,
             seed,
             temperature: 1.0,
             top_p: 1.0,
@@ -79,50 +77,15 @@ impl SamplerConfig {
     }
 }
 
-/// What one call of [`SequenceSampler::sample`] chose.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub token: u32,
-    /// Raw log-softmax of the chosen token.
-    pub logprob: f64,
-    /// `min(top_logprobs, vocab_size)` pairs `(token, raw logprob)`, most likely first, ties by
-    /// lower id.
-    pub top_logprobs: Vec<(u32, f64)>,
+/// `vocab_size` as a length, if it is in `1..=MAX_VOCAB_SIZE`.
+pub fn check_vocab_size(vocab_size: i64) -> Result<usize, SamplerError> {
+    usize::try_from(vocab_size)
+        .ok()
+        .filter(|&v| (1..=MAX_VOCAB_SIZE).contains(&v))
+        .ok_or(SamplerError::VocabSize(vocab_size))
 }
 
-/// The tokens a sequence has generated so far, as counts for the penalties.
-#[derive(Debug, Clone, Default)]
-pub struct SequenceState {
-    /// `(token, count)`, sorted by token, so that a step merges it with the sorted bias.
-    counts: Vec<(u32, u32)>,
-    generated: usize,
-}
-
-impl SequenceState {
-    pub fn record(&mut self, token: u32) {
-        match self.counts.binary_search_by_key(&token, |&(id, _)| id) {
-            Ok(at) => self.counts[at].1 += 1,
-            Err(at) => self.counts.insert(at, (token, 1)),
-        }
-        self.generated += 1;
-    }
-
-    pub fn generated(&self) -> usize {
-        self.generated
-    }
-
-    pub fn count(&self, token: u32) -> u32 {
-        self.counts
-            .binary_search_by_key(&token, |&(id, _)| id)
-            .map_or(0, |at| self.counts[at].1)
-    }
-
-    pub fn counts(&self) -> &[(u32, u32)] {
-        &self.counts
-    }
-}
-
-/// Validated parameters, and the facts about them that pick each step's road.
+/// Checked parameters, and the facts about them that pick each step's road.
 #[derive(Debug, Clone)]
 pub struct Params {
     pub vocab_size: usize,
@@ -158,11 +121,8 @@ fn check_range(
 }
 
 impl Params {
-    pub fn new(config: &SamplerConfig) -> Result<Self, SamplerError> {
-        let vocab_size = usize::try_from(config.vocab_size)
-            .ok()
-            .filter(|&v| (1..=MAX_VOCAB_SIZE).contains(&v))
-            .ok_or(SamplerError::VocabSize(config.vocab_size))?;
+    /// Checks `config` for a vocabulary of `vocab_size` tokens (one [`check_vocab_size`] accepted).
+    pub fn new(vocab_size: usize, config: &SamplerConfig) -> Result<Self, SamplerError> {
         let t = config.temperature;
         check_range("temperature", t, (0.0..=2.0).contains(&t), "in [0, 2]")?;
         let p = config.top_p;
@@ -210,6 +170,38 @@ impl Params {
     }
 }
 
+/// The tokens a sequence has generated so far, as counts for the penalties.
+#[derive(Debug, Clone, Default)]
+pub struct SequenceState {
+    /// `(token, count)`, sorted by token, so that a step merges it with the sorted bias.
+    counts: Vec<(u32, u32)>,
+    generated: usize,
+}
+
+impl SequenceState {
+    pub fn record(&mut self, token: u32) {
+        match self.counts.binary_search_by_key(&token, |&(id, _)| id) {
+            Ok(at) => self.counts[at].1 += 1,
+            Err(at) => self.counts.insert(at, (token, 1)),
+        }
+        self.generated += 1;
+    }
+
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    pub fn count(&self, token: u32) -> u32 {
+        self.counts
+            .binary_search_by_key(&token, |&(id, _)| id)
+            .map_or(0, |at| self.counts[at].1)
+    }
+
+    pub fn counts(&self) -> &[(u32, u32)] {
+        &self.counts
+    }
+}
+
 /// One sequence: its parameters, history and random stream. Steps read it; only
 /// [`Sequence::commit`] changes it, so a failed step (or a failed row of a batch) changes nothing.
 #[derive(Debug, Clone)]
@@ -217,16 +209,15 @@ pub struct Sequence {
     pub params: Params,
     pub state: SequenceState,
     pub rng: SequenceRng,
-    pub seed: u64,
 }
 
 impl Sequence {
-    pub fn new(config: &SamplerConfig) -> Result<Self, SamplerError> {
+    /// A sequence over `vocab_size` tokens (one [`check_vocab_size`] accepted).
+    pub fn new(vocab_size: usize, config: &SamplerConfig) -> Result<Self, SamplerError> {
         Ok(Self {
-            params: Params::new(config)?,
+            params: Params::new(vocab_size, config)?,
             state: SequenceState::default(),
             rng: SequenceRng::new(config.seed),
-            seed: config.seed,
         })
     }
 
@@ -236,17 +227,8 @@ impl Sequence {
         logits: &[f32],
         mask: Option<&[u32]>,
         scratch: &mut Scratch,
-        mode: StepMode,
     ) -> Result<Pending, SamplerError> {
-        step::choose(
-            &self.params,
-            &self.state,
-            &self.rng,
-            logits,
-            mask,
-            scratch,
-            mode,
-        )
+        step::choose(&self.params, &self.state, &self.rng, logits, mask, scratch)
     }
 
     /// Step 9: applies a step's outcome.
@@ -268,63 +250,6 @@ impl Sequence {
             })?;
         self.state.record(id);
         Ok(())
-    }
-}
-
-/// The sampler of one sequence, with its own scratch space: a [`Sequence`] stepped one row at a
-/// time, always with exact logprobs.
-#[derive(Debug, Clone)]
-pub struct SequenceSampler {
-    sequence: Sequence,
-    scratch: Scratch,
-}
-
-impl SequenceSampler {
-    pub fn new(config: SamplerConfig) -> Result<Self, SamplerError> {
-        let config = SamplerConfig {
-            logprobs: true,
-            ..config
-        };
-        Ok(Self {
-            sequence: Sequence::new(&config)?,
-            scratch: Scratch::default(),
-        })
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.sequence.params.vocab_size
-    }
-
-    pub fn generated(&self) -> usize {
-        self.sequence.state.generated()
-    }
-
-    pub fn state(&self) -> &SequenceState {
-        &self.sequence.state
-    }
-
-    pub fn record(&mut self, token: i64) -> Result<(), SamplerError> {
-        self.sequence.record(token)
-    }
-
-    /// Chooses the next token (see the module documentation for the exact steps) and records it.
-    /// On error nothing changes: the history and the random stream are as before.
-    pub fn sample(&mut self, logits: &[f32]) -> Result<Sample, SamplerError> {
-        let pending = self.sequence.choose(
-            logits,
-            None,
-            &mut self.scratch,
-            StepMode {
-                precision: LogprobPrecision::Exact,
-                cores: Cores::One,
-            },
-        )?;
-        self.sequence.commit(&pending);
-        Ok(Sample {
-            token: pending.token,
-            logprob: pending.logprob,
-            top_logprobs: self.scratch.top_logprobs.clone(),
-        })
     }
 }
 

@@ -93,14 +93,6 @@ pub struct Pending {
     pub rng: Option<SequenceRng>,
 }
 
-/// How exactly the normaliser of the logprobs is summed: `Exact` (f64 exponentials, for callers
-/// that report f64) or `Fast` (the f32 pass, within ~1e-6; for float32 results).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogprobPrecision {
-    Exact,
-    Fast,
-}
-
 /// Number of `u32` words in a row of the allowed-token bitmask.
 pub fn mask_words(vocab_size: usize) -> usize {
     vocab_size.div_ceil(32)
@@ -114,9 +106,7 @@ pub fn choose(
     logits: &[f32],
     mask: Option<&[u32]>,
     scratch: &mut Scratch,
-    mode: StepMode,
 ) -> Result<Pending, SamplerError> {
-    let StepMode { precision, cores } = mode;
     let k = Kernels::get();
     let vocab = params.vocab_size;
     if logits.len() != vocab {
@@ -159,17 +149,15 @@ pub fn choose(
         effective: !raw_greedy,
         masked: mask.is_some(),
         weigh: (!params.greedy).then(|| (1.0 / params.temperature) as f32),
-        normalise: wants_logprobs && precision == LogprobPrecision::Fast,
+        normalise: wants_logprobs,
     };
-    let scanned = scan(logits, base, pass, cores, scratch, k);
+    let scanned = scan(logits, base, pass, scratch, k);
     let result = scanned.and_then(|max| {
         // 2. Logprobs, of the raw logits.
-        let log_z = if !wants_logprobs {
-            f64::NAN
-        } else if pass.normalise {
+        let log_z = if wants_logprobs {
             fast_log_normalizer(scratch, max, k)
         } else {
-            log_normalizer(logits, max, k)
+            f64::NAN
         };
         top_raw(
             logits,
@@ -241,29 +229,6 @@ struct Pass {
     normalise: bool,
 }
 
-/// How a step works, as its caller needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StepMode {
-    pub precision: LogprobPrecision,
-    pub cores: Cores,
-}
-
-/// Whether a step may share its scan with the helper thread (see `parallel.rs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cores {
-    One,
-    /// Both, for rows of at least [`SHARED_SCAN_MIN_VOCAB`] logits.
-    Both,
-}
-
-/// Below this many logits a row's scan stays on one thread: waking the helper (15 to 50 us) would
-/// cost more than half the scan.
-pub const SHARED_SCAN_MIN_VOCAB: usize = 100_000;
-
-/// Blocks a thread takes at a time when the scan is shared (64 KiB of logits): small enough that a
-/// helper arriving late still finds work, large enough that handing out costs nothing.
-const SCAN_CHUNK_BLOCKS: usize = 64;
-
 /// What the scan writes for a run of blocks starting at block `first`.
 struct ScanChunk<'a> {
     first: usize,
@@ -282,7 +247,6 @@ fn scan(
     logits: &[f32],
     base: &[f32],
     pass: Pass,
-    cores: Cores,
     scratch: &mut Scratch,
     k: &Kernels,
 ) -> Result<f32, SamplerError> {
@@ -308,14 +272,7 @@ fn scan(
         normaliser_sums,
         touched,
     };
-    let bad = if cores == Cores::Both
-        && logits.len() >= SHARED_SCAN_MIN_VOCAB
-        && crate::parallel::available()
-    {
-        shared_scan(whole, logits, base, pass, k)
-    } else {
-        scan_chunk(whole, logits, base, pass, patch, k)
-    };
+    let bad = scan_chunk(whole, logits, base, pass, patch, k);
     if bad {
         // Rare: find the first offender for the message.
         if let Some((token, &value)) = logits
@@ -333,66 +290,6 @@ fn scan(
         return Err(SamplerError::AllImpossible);
     }
     Ok(max)
-}
-
-/// The scan in chunks of [`SCAN_CHUNK_BLOCKS`], taken in turn by this thread and the helper.
-/// Returns whether any block held NaN or +inf.
-fn shared_scan(
-    whole: ScanChunk<'_>,
-    logits: &[f32],
-    base: &[f32],
-    pass: Pass,
-    k: &Kernels,
-) -> bool {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Mutex;
-    let ScanChunk {
-        mut raw_max,
-        mut effective_max,
-        mut fast_sums,
-        mut normaliser_sums,
-        mut touched,
-        ..
-    } = whole;
-    let mut chunks = Vec::with_capacity(raw_max.len().div_ceil(SCAN_CHUNK_BLOCKS));
-    let mut first = 0;
-    while !raw_max.is_empty() {
-        let n = SCAN_CHUNK_BLOCKS.min(raw_max.len());
-        let end_id = (first + n) * BLOCK;
-        let t = touched.partition_point(|t| (t.id as usize) < end_id);
-        let (r, rest_r) = std::mem::take(&mut raw_max).split_at_mut(n);
-        let (e, rest_e) = std::mem::take(&mut effective_max).split_at_mut(n);
-        let (f, rest_f) = std::mem::take(&mut fast_sums).split_at_mut(n);
-        let (z, rest_z) = std::mem::take(&mut normaliser_sums).split_at_mut(n);
-        let (tt, rest_t) = std::mem::take(&mut touched).split_at_mut(t);
-        chunks.push(Mutex::new(Some(ScanChunk {
-            first,
-            raw_max: r,
-            effective_max: e,
-            fast_sums: f,
-            normaliser_sums: z,
-            touched: tt,
-        })));
-        (raw_max, effective_max, fast_sums, normaliser_sums, touched) =
-            (rest_r, rest_e, rest_f, rest_z, rest_t);
-        first += n;
-    }
-    let (next, bad) = (AtomicUsize::new(0), AtomicBool::new(false));
-    crate::parallel::on_both(|| {
-        let mut patch = [0.0f32; BLOCK];
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = chunks.get(i) else { break };
-            // Each slot is taken once; a poisoned lock (a panic elsewhere) just ends this share.
-            let Some(chunk) = slot.lock().ok().and_then(|mut c| c.take()) else {
-                break;
-            };
-            if scan_chunk(chunk, logits, base, pass, &mut patch, k) {
-                bad.store(true, Ordering::Relaxed);
-            }
-        }
-    });
-    bad.into_inner()
 }
 
 /// The scan of one run of blocks; returns whether any held NaN or +inf.
@@ -471,16 +368,6 @@ fn scan_chunk(
         }
     }
     bad
-}
-
-/// Step 2, exactly: `log(sum(exp(logits)))` with f64 exponentials, shifted by the maximum so that
-/// no term overflows.
-fn log_normalizer(logits: &[f32], max: f32, k: &Kernels) -> f64 {
-    let sum: f64 = logits
-        .chunks(BLOCK)
-        .map(|b| (k.exp_sum)(b, 1.0, f64::from(max)))
-        .sum();
-    f64::from(max) + sum.ln()
 }
 
 /// Step 2 from the scan's fast block sums (each relative to its block's maximum), within ~1e-6.

@@ -1,8 +1,9 @@
-"""Records what the sampler chooses for fixed seeds and logits, so that later speed work can be held
+"""Records what the sampler chooses for fixed seeds and logits, so that any later change can be held
 to it: ``test_recorded.py`` replays these cases and demands the same tokens.
 
-The recordings in ``data/recorded_samples.json`` were made with the first, straightforward sampler
-(commit 6048ae0) before any speed work. Rerun only to add cases, never to paper over a change:
+The recordings in ``data/recorded_samples.json`` were made at commit 6048ae0, by a sampler that
+summed everything in float64, one token at a time. Rerun only to add cases, never to paper over a
+change:
 
     .venv/bin/python tests/sampler_ext/record_samples.py
 """
@@ -14,8 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from sampler_ext import SequenceSampler
+from one_sequence import OneSequence
 
 OUTPUT = Path(__file__).parent / "data" / "recorded_samples.json"
 
@@ -68,31 +68,26 @@ def cases():
 
 def run_case(case: int, vocab_size: int, params: dict, shape: str, steps: int) -> dict:
     n_bias = params.pop("bias", 0)
-    sampler_params = dict(params, logit_bias=bias_for(vocab_size, case, n_bias))
-    seed = case * 7919 + 1
-    sampler = SequenceSampler(vocab_size, seed=seed, **sampler_params)
+    record = dict(case=case, vocab_size=vocab_size, params=params, bias=n_bias, shape=shape, seed=case * 7919 + 1)
+    return record | replay(record, steps)
+
+
+def replay(record: dict, steps: int) -> dict:
+    """What the sampler chooses for a recorded case: its tokens, logprobs, top ids and the digests
+    of the logits it was given, step by step."""
+    vocab_size, case = record["vocab_size"], record["case"]
+    logit_bias = bias_for(vocab_size, case, record["bias"])
+    sampler = OneSequence(vocab_size, seed=record["seed"], logit_bias=logit_bias, **record["params"])
     tokens, logprobs, tops, digests = [], [], [], []
     for step in range(steps):
         # The same logits every third step, so the penalties decide.
-        logits = logits_for(vocab_size, case, step - step % 3, shape)
+        logits = logits_for(vocab_size, case, step - step % 3, record["shape"])
         token, logprob, top = sampler.sample(logits)
         tokens.append(token)
         logprobs.append(logprob)
         tops.append([t for t, _ in top])
         digests.append(digest(logits))
-    return dict(
-        case=case,
-        vocab_size=vocab_size,
-        params=params,
-        bias=n_bias,
-        shape=shape,
-        seed=seed,
-        steps=steps,
-        tokens=tokens,
-        logprobs=logprobs,
-        top_ids=tops,
-        logits_sha256=digests,
-    )
+    return dict(steps=steps, tokens=tokens, logprobs=logprobs, top_ids=tops, logits_sha256=digests)
 
 
 def main() -> None:

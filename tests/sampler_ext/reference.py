@@ -1,15 +1,15 @@
 """The reference sampler: sampler_ext's algorithm in plain Python and numpy.
 
-It is written to be obviously right, not fast; the tests hold the Rust extension to it. Each step
-below is the numbered step of the same name in ``sampler_ext/src/sampler.rs``:
+It is written to be obviously right, not fast; the tests hold the Rust extension to it. It does
+what the numbered steps at the top of ``sampler_ext/src/sampler.rs`` do, without their shortcuts:
 
-1. Logprobs are the log-softmax of the raw logits, in float64.
-2. Logit bias is added. 3. Penalties over the sequence's own history are subtracted.
-4. Temperature below 1e-5 is greedy (argmax, lowest id on ties, no random draw);
-   otherwise weights are ``exp(value / T - max)``.
-5. Top-p keeps the fewest heaviest tokens (ties: lower id) whose mass reaches ``top_p * total``.
-6. One uniform from a ChaCha20 stream; inverse transform over the kept tokens in id order.
-7. The chosen token goes into the history.
+- logprobs are the log-softmax of the raw logits, in float64;
+- logit bias is added, and the penalties over the sequence's own history are subtracted;
+- temperature below 1e-5 is greedy (argmax, lowest id on ties, no random draw); otherwise
+  weights are ``exp(value / T - max)``;
+- top-p keeps the fewest heaviest tokens (ties: lower id) whose mass reaches ``top_p * total``;
+- one uniform from a ChaCha20 stream picks a token by inverse transform over the kept tokens in id
+  order, and the token goes into the history.
 
 Sums are sequential (``np.cumsum``) in the order the Rust code uses, so results agree exactly
 except where numpy's ``exp`` and Rust's differ in the last bit.
@@ -122,7 +122,7 @@ class ReferenceSampler:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
-        """Steps 2 and 3."""
+        """Logit bias and penalties: the values the temperature divides."""
         values = logits.astype(np.float64)
         for token, bias in self.logit_bias.items():
             values[token] += bias
@@ -131,12 +131,12 @@ class ReferenceSampler:
         return values
 
     def weights(self, logits: np.ndarray) -> np.ndarray:
-        """Step 4 for a temperature that is not greedy."""
+        """The weights at a temperature that is not greedy."""
         z = self.adjusted(logits) / self.temperature
         return np.exp(z - z.max())
 
     def kept(self, weights: np.ndarray) -> np.ndarray:
-        """Step 5: ids kept by top-p, increasing."""
+        """The ids top-p keeps, increasing."""
         if self.top_p >= 1.0:
             return np.arange(len(weights))
         total = np.cumsum(weights)[-1]

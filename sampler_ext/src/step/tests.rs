@@ -1,9 +1,9 @@
-//! The staged step held to a brute-force sampler written straight from the module docs of
-//! `sampler.rs` (libm `exp`, full sorts, sums one by one).
+//! The staged step held to a brute-force sampler written straight from the numbered stages in
+//! the module docs (libm `exp`, full sorts, sums one by one).
 
 use super::*;
 use crate::batch::BatchSampler;
-use crate::sampler::{SamplerConfig, Sequence};
+use crate::sampler::{SamplerConfig, Sequence, GREEDY_BELOW_TEMPERATURE};
 
 /// A small deterministic generator for test inputs (not the sampler's stream).
 struct Lcg(u64);
@@ -45,7 +45,7 @@ fn brute_force(
             values[t as usize] -= config.frequency_penalty * f64::from(c) + config.presence_penalty;
         }
     }
-    if config.temperature < crate::sampler::GREEDY_BELOW_TEMPERATURE {
+    if config.temperature < GREEDY_BELOW_TEMPERATURE {
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         return values.iter().position(|&v| v == max).unwrap() as u32;
     }
@@ -102,7 +102,6 @@ fn steps_match_the_brute_force_sampler() {
         (2.0, 0.05, 2.0, -2.0),
         (0.0, 1.0, 1.0, 0.5),
     ];
-    // 130,000: above SHARED_SCAN_MIN_VOCAB, so the scan is shared with the helper thread.
     for vocab in [1usize, 2, 255, 256, 257, 5000, 70_000, 130_000] {
         for (case, &(temperature, top_p, frequency_penalty, presence_penalty)) in
             configs.iter().enumerate()
@@ -119,9 +118,9 @@ fn steps_match_the_brute_force_sampler() {
                 frequency_penalty,
                 presence_penalty,
                 logit_bias,
-                ..SamplerConfig::new(vocab as i64, case as u64)
+                ..SamplerConfig::new(case as u64)
             };
-            let mut sequence = Sequence::new(&config).unwrap();
+            let mut sequence = Sequence::new(vocab, &config).unwrap();
             let mut history = Vec::new();
             let mut scratch = Scratch::default();
             for step in 0..6 {
@@ -138,19 +137,7 @@ fn steps_match_the_brute_force_sampler() {
                 let u = sequence.rng.clone().next_uniform();
                 let expected = brute_force(&config, &history, &logits, mask.as_deref(), u);
                 let pending = sequence
-                    .choose(
-                        &logits,
-                        words.as_deref(),
-                        &mut scratch,
-                        StepMode {
-                            precision: LogprobPrecision::Exact,
-                            cores: if step % 2 == 0 {
-                                Cores::One
-                            } else {
-                                Cores::Both
-                            },
-                        },
-                    )
+                    .choose(&logits, words.as_deref(), &mut scratch)
                     .unwrap();
                 assert_eq!(pending.token, expected, "V {vocab} case {case} step {step}");
                 sequence.commit(&pending);
@@ -162,30 +149,14 @@ fn steps_match_the_brute_force_sampler() {
 
 #[test]
 fn a_mask_that_allows_nothing_possible_is_refused() {
-    let sequence = Sequence::new(&SamplerConfig::new(40, 0)).unwrap();
+    let sequence = Sequence::new(40, &SamplerConfig::new(0)).unwrap();
     let mut logits = vec![0.0f32; 40];
     logits[3] = f32::NEG_INFINITY;
     let mut mask = vec![0u32; 2];
     mask[0] = 1 << 3; // only a token that is impossible anyway
-    let result = sequence.choose(
-        &logits,
-        Some(&mask),
-        &mut Scratch::default(),
-        StepMode {
-            precision: LogprobPrecision::Fast,
-            cores: Cores::One,
-        },
-    );
+    let result = sequence.choose(&logits, Some(&mask), &mut Scratch::default());
     assert_eq!(result.unwrap_err(), SamplerError::NothingAllowed);
-    let result = sequence.choose(
-        &logits,
-        Some(&[0u32]),
-        &mut Scratch::default(),
-        StepMode {
-            precision: LogprobPrecision::Fast,
-            cores: Cores::One,
-        },
-    );
+    let result = sequence.choose(&logits, Some(&[0u32]), &mut Scratch::default());
     assert!(matches!(
         result,
         Err(SamplerError::MaskLength {
@@ -286,11 +257,11 @@ fn a_failed_row_leaves_every_sequence_unchanged() {
             1,
             &SamplerConfig {
                 top_p: 0.9,
-                ..SamplerConfig::new(8, 1)
+                ..SamplerConfig::new(1)
             },
         )
         .unwrap();
-        b.add(2, &SamplerConfig::new(8, 2)).unwrap();
+        b.add(2, &SamplerConfig::new(2)).unwrap();
     }
     let mut logits = vec![0.5f32; 16];
     logits[12] = f32::NAN;
