@@ -7,7 +7,7 @@ their logprobs row by row. :class:`DecodeInterrupt` is a flag that stops a runni
 
 What a step does — the mask, logit bias, OpenAI's frequency and presence penalties, temperature
 (greedy below 1e-5), top-p and a draw from the sequence's own ChaCha20 stream — is listed once,
-numbered in the order it runs, at the top of ``sampler_ext/src/sampler.rs``. The same seed and the
+numbered in the order it runs, at the top of ``sampler_ext/src/step.rs``. The same seed and the
 same logits give the same tokens on every platform.
 
 Logprobs are reported as OpenAI reports them: the log-softmax of the *raw* logits given to

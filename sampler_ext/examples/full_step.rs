@@ -1,7 +1,7 @@
 //! The benchmark's cases on the captured Gemma logits, in Rust alone (no Python), for profiling:
 //! `cargo run --release --example full_step -- [full|greedy|greedy+top20|full+top20] [steps]`
 use _native::batch::BatchSampler;
-use _native::sampler::SamplerConfig;
+use _native::params::SamplerConfig;
 use std::time::Instant;
 
 fn main() {

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use crate::error::SamplerError;
-use crate::sampler::{check_vocab_size, SamplerConfig, Sequence};
+use crate::params::{check_vocab_size, SamplerConfig};
+use crate::sequence::Sequence;
 use crate::step::{mask_words, Pending, Scratch};
 
 /// What one batch call returns, row by row.
@@ -184,3 +185,6 @@ impl BatchSampler {
         out
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,16 +1,25 @@
 //! chatrpc's token sampler as a Python extension module, `sampler_ext._native`.
 //!
-//! The algorithm lives in [`sampler`], plain Rust over `&[f32]`; this file only converts Python
-//! arguments, releases the GIL around the numeric work and turns [`SamplerError`] into
-//! `ValueError`.
+//! Two layers. The sampler is plain Rust over `&[f32]`: [`batch::BatchSampler`] keeps the
+//! sequences and samples a decode step's rows, each row one run of the stages listed, numbered,
+//! in [`step`]. This file is the other layer: it converts Python arguments, releases the GIL around
+//! the numeric work and turns [`SamplerError`] into `ValueError`.
 
+mod adjust;
 pub mod batch;
+mod draw;
 pub mod error;
 pub mod interrupt;
 pub mod kernels;
+mod logprobs;
+mod nucleus;
+pub mod params;
 pub mod rng;
-pub mod sampler;
+mod scan;
+pub mod sequence;
 pub mod step;
+#[cfg(test)]
+mod test_inputs;
 
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
@@ -22,7 +31,7 @@ use pyo3::types::{PyDict, PyInt};
 pub use batch::{BatchOutput, BatchSampler};
 pub use error::SamplerError;
 pub use interrupt::DecodeInterrupt;
-pub use sampler::SamplerConfig;
+pub use params::SamplerConfig;
 
 /// What `BatchSampler.sample` chose, row by row: the arrays of a [`BatchOutput`], handed to
 /// Python as they are.

@@ -36,3 +36,6 @@ impl SequenceRng {
         self.inner.next_u64()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,7 @@
 """The reference sampler: sampler_ext's algorithm in plain Python and numpy.
 
 It is written to be obviously right, not fast; the tests hold the Rust extension to it. It does
-what the numbered steps at the top of ``sampler_ext/src/sampler.rs`` do, without their shortcuts:
+what the numbered stages at the top of ``sampler_ext/src/step.rs`` do, without their shortcuts:
 
 - logprobs are the log-softmax of the raw logits, in float64;
 - logit bias is added, and the penalties over the sequence's own history are subtracted;

@@ -1,3 +1,6 @@
+//! A sequence stepped one row at a time, as a batch of one steps it: every stage's behaviour that
+//! a caller can see.
+
 use super::*;
 
 /// The logprobs' normaliser is a fast f32 sum, documented (`logprobs.rs`) as within about 1e-6 of
@@ -51,6 +54,18 @@ fn sampler(vocab_size: usize, config: SamplerConfig) -> Stepper {
     }
 }
 
+/// Greedy over two tokens, with these frequency and presence penalties.
+fn greedy_of_two(frequency_penalty: f64, presence_penalty: f64) -> Stepper {
+    sampler(
+        2,
+        SamplerConfig {
+            frequency_penalty,
+            presence_penalty,
+            ..greedy()
+        },
+    )
+}
+
 fn greedy() -> SamplerConfig {
     SamplerConfig {
         temperature: 0.0,
@@ -96,13 +111,7 @@ fn bias_changes_the_greedy_choice() {
 #[test]
 fn frequency_penalty_grows_with_each_repeat() {
     // Token 0 leads by 1.5; each use costs 1, so it wins twice, then token 1 takes over.
-    let mut s = sampler(
-        2,
-        SamplerConfig {
-            frequency_penalty: 1.0,
-            ..greedy()
-        },
-    );
+    let mut s = greedy_of_two(1.0, 0.0);
     let logits = [1.5, 0.0];
     let tokens: Vec<u32> = (0..3).map(|_| s.sample(&logits).unwrap().token).collect();
     assert_eq!(tokens, [0, 0, 1]);
@@ -111,37 +120,19 @@ fn frequency_penalty_grows_with_each_repeat() {
 
 #[test]
 fn presence_penalty_applies_once() {
-    let mut s = sampler(
-        2,
-        SamplerConfig {
-            presence_penalty: 1.0,
-            ..greedy()
-        },
-    );
+    let mut s = greedy_of_two(0.0, 1.0);
     let logits = [1.5, 0.0];
     let tokens: Vec<u32> = (0..4).map(|_| s.sample(&logits).unwrap().token).collect();
     // After one use, 0.5 > 0 still; once token 1 is used too both are penalised equally.
     assert_eq!(tokens, [0, 0, 0, 0]);
-    let mut s = sampler(
-        2,
-        SamplerConfig {
-            presence_penalty: 2.0,
-            ..greedy()
-        },
-    );
+    let mut s = greedy_of_two(0.0, 2.0);
     let tokens: Vec<u32> = (0..3).map(|_| s.sample(&logits).unwrap().token).collect();
     assert_eq!(tokens, [0, 1, 0]);
 }
 
 #[test]
 fn recorded_tokens_are_penalised() {
-    let mut s = sampler(
-        2,
-        SamplerConfig {
-            presence_penalty: 2.0,
-            ..greedy()
-        },
-    );
+    let mut s = greedy_of_two(0.0, 2.0);
     s.record(0).unwrap();
     assert_eq!(s.generated(), 1);
     assert_eq!(s.sample(&[1.5, 0.0]).unwrap().token, 1);
@@ -330,117 +321,3 @@ fn extreme_logits_do_not_overflow() {
         assert!(out.top_logprobs.iter().all(|&(_, lp)| lp.is_finite()));
     }
 }
-
-#[test]
-fn vocabulary_sizes_outside_1_to_i32_max_are_refused() {
-    for bad in [0, -1, 1 << 31] {
-        assert_eq!(check_vocab_size(bad), Err(SamplerError::VocabSize(bad)));
-    }
-    assert_eq!(check_vocab_size(1), Ok(1));
-    assert_eq!(check_vocab_size(i64::from(i32::MAX)), Ok(MAX_VOCAB_SIZE));
-}
-
-#[test]
-fn invalid_configs_are_refused() {
-    let base = SamplerConfig::new(0);
-    let bad = [
-        SamplerConfig {
-            temperature: -0.1,
-            ..base.clone()
-        },
-        SamplerConfig {
-            temperature: 2.1,
-            ..base.clone()
-        },
-        SamplerConfig {
-            temperature: f64::NAN,
-            ..base.clone()
-        },
-        SamplerConfig {
-            top_p: 0.0,
-            ..base.clone()
-        },
-        SamplerConfig {
-            top_p: 1.01,
-            ..base.clone()
-        },
-        SamplerConfig {
-            top_p: f64::NAN,
-            ..base.clone()
-        },
-        SamplerConfig {
-            frequency_penalty: 2.5,
-            ..base.clone()
-        },
-        SamplerConfig {
-            presence_penalty: -2.5,
-            ..base.clone()
-        },
-        SamplerConfig {
-            presence_penalty: f64::INFINITY,
-            ..base.clone()
-        },
-        SamplerConfig {
-            top_logprobs: 21,
-            ..base.clone()
-        },
-        SamplerConfig {
-            top_logprobs: -1,
-            ..base.clone()
-        },
-        SamplerConfig {
-            logit_bias: vec![(10, 1.0)],
-            ..base.clone()
-        },
-        SamplerConfig {
-            logit_bias: vec![(-1, 1.0)],
-            ..base.clone()
-        },
-        SamplerConfig {
-            logit_bias: vec![(1, 100.5)],
-            ..base.clone()
-        },
-        SamplerConfig {
-            logit_bias: vec![(1, f64::NAN)],
-            ..base.clone()
-        },
-        SamplerConfig {
-            logit_bias: vec![(3, 1.0), (3, 2.0)],
-            ..base.clone()
-        },
-    ];
-    for config in bad {
-        assert!(Params::new(10, &config).is_err(), "accepted {config:?}");
-    }
-    let edges = SamplerConfig {
-        temperature: 2.0,
-        frequency_penalty: -2.0,
-        presence_penalty: 2.0,
-        top_logprobs: 20,
-        logit_bias: vec![(9, -100.0), (0, 100.0)],
-        ..base
-    };
-    assert!(Params::new(10, &edges).is_ok());
-}
-
-#[test]
-fn the_random_stream_is_pinned() {
-    // These values define the stream: if a dependency update changes them, seeded results change
-    // for every user, so this must fail loudly.
-    let mut rng = SequenceRng::new(0);
-    let raw: Vec<u64> = (0..3).map(|_| rng.next_u64()).collect();
-    assert_eq!(raw, PINNED_SEED_0);
-    let mut rng = SequenceRng::new(0xDEAD_BEEF);
-    let u: Vec<f64> = (0..3).map(|_| rng.next_uniform()).collect();
-    assert_eq!(u, PINNED_UNIFORM_DEADBEEF);
-}
-
-// ChaCha20 with an all-zero key: the keystream starts 76 b8 e0 ad a0 f1 3d 90 (the published
-// test vector), read as little-endian u64s. tests/sampler_ext/reference.py computes the same.
-const PINNED_SEED_0: [u64; 3] = [
-    10393729187455219830,
-    2935650227004792128,
-    1940362735889535677,
-];
-const PINNED_UNIFORM_DEADBEEF: [f64; 3] =
-    [0.18775118230683296, 0.11398750826896875, 0.9025945118881066];
