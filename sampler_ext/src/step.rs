@@ -32,15 +32,15 @@
 //!    summed exactly to settle the threshold.
 //! 7. **Draw** (`draw.rs`). Walking the kept tokens in increasing id order, the token is the first
 //!    whose running weight sum exceeds `u * kept_total`. Without top-p the walk skips whole blocks
-//!    by their fast sums, and is redone with exact f64 sums when `u * total` lies within the sums'
-//!    error bound of the chosen token's edges.
+//!    by their fast sums, and is redone with exact f64 sums unless `u * total` lies clear of the
+//!    chosen token's edges by twice the sums' error bound.
 //! 8. **Record** ([`Sequence::commit`]): the token goes into the history, so that later penalties
 //!    see it, and the random stream moves on. A batch records its rows only once every row has
 //!    succeeded.
 //!
-//! So nothing runs per token over the whole vocabulary but the scan's vectorised passes
-//! (`kernels.rs`); every later stage reads only the touched tokens and the blocks whose maximum or
-//! sum can matter.
+//! So, but for a mask's copy of the row and the exact fallbacks, nothing runs per token over the
+//! whole vocabulary except the scan's vectorised passes (`kernels.rs`); every later stage reads
+//! only the touched tokens and the blocks whose maximum or sum can matter.
 //!
 //! The result depends only on the seed and the logits, up to rounding: weights are f64 exponentials
 //! within two ulps of libm's, and sums are taken in blocks rather than one by one, so a draw can
