@@ -15,6 +15,9 @@ from pathlib import Path
 
 import grpc
 
+from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY
+from service.errors import Unauthenticated, abort_with
+
 # Health checks are answered without a key, as orchestrators expect; reflection is the API's schema.
 _OPEN_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -57,6 +60,9 @@ class ApiKeyChecker:
         return matched
 
 
+_REFUSED = Unauthenticated("Incorrect or missing API key: send 'authorization: Bearer <key>'.")
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every RPC but health checks unless it carries a valid bearer key."""
 
@@ -64,16 +70,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._checker = ApiKeyChecker(keys)
 
         async def refuse(request, context):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer <key>'."
-            )
+            await abort_with(context, _REFUSED)
 
         self._refuse_unary = grpc.unary_unary_rpc_method_handler(refuse)
 
         async def refuse_stream(request, context):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "Incorrect or missing API key: send 'authorization: Bearer <key>'."
-            )
+            await abort_with(context, _REFUSED)
             yield  # pragma: no cover - makes this an async generator
 
         self._refuse_stream = grpc.unary_stream_rpc_method_handler(refuse_stream)
@@ -84,7 +86,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         authorization = None
         for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
+            if key == AUTHORIZATION_METADATA_KEY:
                 authorization = value
                 break
         if self._checker.is_valid(authorization):

@@ -1,16 +1,22 @@
 """The service's errors and their one mapping onto gRPC status codes.
 
-Handlers raise `ServiceError` (or a subclass); `abort_with` turns it into a gRPC status
-in one place. An INVALID_ARGUMENT names the offending request parameter both in the message and
-in the trailing metadata key `error-param`, which the REST adapter turns into the `param` of
-OpenAI's error envelope.
+Everything below the servicer, the engine included, reports a failure as a `ServiceError` whose
+class carries its gRPC status code; `abort_with` turns it into the RPC's status in one place. An
+INVALID_ARGUMENT names the offending request parameter both in the message and in the trailing
+metadata (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY), which the REST adapter turns into the
+`param` of OpenAI's error envelope.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 
-ERROR_PARAM_METADATA_KEY = "error-param"
+from chatrpc.v1.wire import ERROR_PARAM_METADATA_KEY
 
 
 class ServiceError(Exception):
@@ -41,6 +47,8 @@ class ModelNotFound(ServiceError):
 
 
 class QueueFull(ServiceError):
+    """The scheduler's queue of waiting requests is full (or closed)."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -48,8 +56,48 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class GenerationFailed(ServiceError):
+    """The engine could not go on with a sequence (a failed decode, sampling or grammar step)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ShuttingDown(ServiceError):
+    """The server stopped before the sequence finished."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down.")
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
     """End the RPC with `error`'s status; never returns."""
     if error.param is not None:
         context.set_trailing_metadata(((ERROR_PARAM_METADATA_KEY, error.param),))
     await context.abort(error.code, error.message)
+
+
+def reported_as_status(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps a servicer method, unary or streaming: a `ServiceError` it raises ends the RPC with
+    that error's status (`abort_with`)."""
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def streaming(self, request, context):
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except ServiceError as error:
+                await abort_with(context, error)
+
+        return streaming
+
+    @functools.wraps(handler)
+    async def unary(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except ServiceError as error:
+            await abort_with(context, error)
+
+    return unary

@@ -7,15 +7,10 @@ import uuid
 from dataclasses import dataclass
 
 from chatrpc.v1 import chat_pb2
+from chatrpc.v1.wire import FINISH_REASONS
 from service.choice_output import ChoiceOutput
 from service.engine.sequence import TokenLogprob
 from service.tool_calls import ParsedCall
-
-FINISH_REASONS = {
-    "stop": chat_pb2.FINISH_REASON_STOP,
-    "length": chat_pb2.FINISH_REASON_LENGTH,
-    "tool_calls": chat_pb2.FINISH_REASON_TOOL_CALLS,
-}
 
 
 @dataclass(frozen=True)

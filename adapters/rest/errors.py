@@ -5,10 +5,10 @@ gRPC service reported it, has the OpenAI shape::
 
     {"error": {"message": "...", "type": "...", "param": "..." | null, "code": "..." | null}}
 
-Contract with the service: on an error status, the status details string is the human message,
-and trailing metadata ``error-param`` names the offending request field in the REST spelling
-(``temperature``, ``messages[2].content``); it becomes ``param``. An optional ``error-code``
-trailing metadata value, when present, overrides the ``code`` that the status implies.
+Contract with the service (documented in protos/chatrpc/v1/chat.proto): on an error status, the
+status details string is the human message, and the trailing metadata key
+``ERROR_PARAM_METADATA_KEY`` (chatrpc/v1/wire.py) names the offending request field in the REST
+spelling (``temperature``, ``messages[2].content``); it becomes ``param``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import json
 
 import grpc
 from starlette.responses import Response
+
+from chatrpc.v1.wire import ERROR_PARAM_METADATA_KEY
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -44,9 +46,6 @@ _SERVER_ERROR = (500, SERVER_ERROR, None)
 # gRPC refuses a message above its size limit with RESOURCE_EXHAUSTED and this text; that is the
 # request's fault, not a rate limit.
 _TOO_LARGE_PREFIXES = ("Received message larger than max", "Sent message larger than max")
-
-PARAM_METADATA_KEY = "error-param"
-CODE_METADATA_KEY = "error-code"
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -106,10 +105,8 @@ def from_rpc_error(error: grpc.RpcError) -> APIError:
         http_status, error_type, code = _STATUS_MAP.get(status_code, _SERVER_ERROR)
     param = None
     for key, value in error.trailing_metadata() or ():
-        if key == PARAM_METADATA_KEY:
+        if key == ERROR_PARAM_METADATA_KEY:
             param = value
-        elif key == CODE_METADATA_KEY:
-            code = value
     return APIError(http_status, message, type=error_type, param=param, code=code)
 
 

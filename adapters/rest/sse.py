@@ -26,6 +26,7 @@ from adapters.rest.upstream import (
     request_id,
 )
 from chatrpc.v1 import chat_pb2
+from chatrpc.v1.wire import requested_choices
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ async def stream_chat_completion(
         call.cancel()
         raise
     include_usage = message.stream_options.include_usage
-    choices = message.n if message.HasField("n") else 1
-    return EventStreamResponse(call, watch, first, include_usage, choices, request_id(request))
+    return EventStreamResponse(call, watch, first, include_usage, requested_choices(message), request_id(request))
 
 
 class EventStreamResponse:

@@ -14,12 +14,14 @@ and int64 the proto way), and ``encode`` turns them into bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import orjson
 from google.protobuf import struct_pb2
 
 from adapters.rest.errors import invalid_request
 from chatrpc.v1 import chat_pb2 as pb
+from chatrpc.v1.wire import FINISH_REASON_NAMES, RESPONSE_FORMAT_TYPES, ROLES, TOOL_CHOICE_MODES
 
 __all__ = [
     "chat_completion_to_json",
@@ -177,6 +179,14 @@ def _array(value: object, param: str) -> list:
     return value
 
 
+def _optional(target: object, item: dict, key: str, check: Callable[[object, str], object], param: str) -> None:
+    """Sets the field `key` of `target` to `item[key]`, checked, unless it is absent or null (JSON
+    null means "not set"); `param` is the path of `item` in the request."""
+    value = item.get(key)
+    if value is not None:
+        setattr(target, key, check(value, f"{param}.{key}"))
+
+
 def _struct(target: struct_pb2.Struct, value: object, param: str) -> None:
     """A JSON object (a JSON Schema) into a google.protobuf.Struct."""
     try:
@@ -189,23 +199,6 @@ def _struct(target: struct_pb2.Struct, value: object, param: str) -> None:
 # Request: JSON -> chatrpc.v1.ChatCompletionRequest
 # ---------------------------------------------------------------------------
 
-_ROLES = {
-    "system": pb.ROLE_SYSTEM,
-    "developer": pb.ROLE_DEVELOPER,
-    "user": pb.ROLE_USER,
-    "assistant": pb.ROLE_ASSISTANT,
-    "tool": pb.ROLE_TOOL,
-}
-_TOOL_CHOICE_MODES = {
-    "none": pb.TOOL_CHOICE_MODE_NONE,
-    "auto": pb.TOOL_CHOICE_MODE_AUTO,
-    "required": pb.TOOL_CHOICE_MODE_REQUIRED,
-}
-_RESPONSE_FORMAT_TYPES = {
-    "text": pb.RESPONSE_FORMAT_TYPE_TEXT,
-    "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
-    "json_schema": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
-}
 _PART_TYPES = ("text", "image_url", "input_audio", "refusal")
 
 
@@ -217,9 +210,7 @@ def _content_part(part: pb.ContentPart, value: object, param: str) -> None:
     elif kind == "image_url":
         image = _object(item.get("image_url"), f"{param}.image_url")
         part.image_url.url = _string(image.get("url"), f"{param}.image_url.url")
-        detail = image.get("detail")
-        if detail is not None:
-            part.image_url.detail = _string(detail, f"{param}.image_url.detail")
+        _optional(part.image_url, image, "detail", _string, f"{param}.image_url")
     elif kind == "input_audio":
         audio = _object(item.get("input_audio"), f"{param}.input_audio")
         part.input_audio.data = _string(audio.get("data"), f"{param}.input_audio.data")
@@ -234,9 +225,7 @@ def _content_part(part: pb.ContentPart, value: object, param: str) -> None:
 
 def _tool_call(call: pb.ToolCall, value: object, param: str) -> None:
     item = _object(value, param)
-    call_id = item.get("id")
-    if call_id is not None:
-        call.id = _string(call_id, f"{param}.id")
+    _optional(call, item, "id", _string, param)
     kind = item.get("type")
     call.type = "function" if kind is None else _string(kind, f"{param}.type")
     function = item.get("function")
@@ -254,9 +243,9 @@ def _message(message: pb.ChatMessage, value: object, param: str) -> None:
     role = item.get("role")
     if role is None:
         raise _missing(f"{param}.role")
-    role_value = _ROLES.get(role) if type(role) is str else None
+    role_value = ROLES.get(role) if type(role) is str else None
     if role_value is None:
-        raise _value_error(f"{param}.role", _string(role, f"{param}.role"), tuple(_ROLES))
+        raise _value_error(f"{param}.role", _string(role, f"{param}.role"), tuple(ROLES))
     message.role = role_value
 
     content = item.get("content")
@@ -270,19 +259,13 @@ def _message(message: pb.ChatMessage, value: object, param: str) -> None:
     elif content is not None:
         raise _type_error(f"{param}.content", "one of a string or array of objects", content)
 
-    name = item.get("name")
-    if name is not None:
-        message.name = _string(name, f"{param}.name")
+    _optional(message, item, "name", _string, param)
     tool_calls = item.get("tool_calls")
     if tool_calls is not None:
         for index, call in enumerate(_array(tool_calls, f"{param}.tool_calls")):
             _tool_call(message.tool_calls.add(), call, f"{param}.tool_calls[{index}]")
-    tool_call_id = item.get("tool_call_id")
-    if tool_call_id is not None:
-        message.tool_call_id = _string(tool_call_id, f"{param}.tool_call_id")
-    refusal = item.get("refusal")
-    if refusal is not None:
-        message.refusal = _string(refusal, f"{param}.refusal")
+    _optional(message, item, "tool_call_id", _string, param)
+    _optional(message, item, "refusal", _string, param)
 
 
 def _messages(request: pb.ChatCompletionRequest, value: object) -> None:
@@ -321,16 +304,14 @@ def _stop(request: pb.ChatCompletionRequest, value: object) -> None:
 def _stream_options(request: pb.ChatCompletionRequest, value: object) -> None:
     options = _object(value, "stream_options")
     request.stream_options.SetInParent()
-    include_usage = options.get("include_usage")
-    if include_usage is not None:
-        request.stream_options.include_usage = _boolean(include_usage, "stream_options.include_usage")
+    _optional(request.stream_options, options, "include_usage", _boolean, "stream_options")
 
 
 def _tool_choice(request: pb.ChatCompletionRequest, value: object) -> None:
     if type(value) is str:
-        mode = _TOOL_CHOICE_MODES.get(value)
+        mode = TOOL_CHOICE_MODES.get(value)
         if mode is None:
-            raise _value_error("tool_choice", value, tuple(_TOOL_CHOICE_MODES))
+            raise _value_error("tool_choice", value, tuple(TOOL_CHOICE_MODES))
         request.tool_choice.mode = mode
         return
     choice = _object(value, "tool_choice")
@@ -361,15 +342,11 @@ def _tool(tool: pb.Tool, value: object, param: str) -> None:
     if name is None:
         raise _missing(f"{param}.function.name")
     definition.name = _string(name, f"{param}.function.name")
-    description = function.get("description")
-    if description is not None:
-        definition.description = _string(description, f"{param}.function.description")
+    _optional(definition, function, "description", _string, f"{param}.function")
     parameters = function.get("parameters")
     if parameters is not None:
         _struct(definition.parameters, parameters, f"{param}.function.parameters")
-    strict = function.get("strict")
-    if strict is not None:
-        definition.strict = _boolean(strict, f"{param}.function.strict")
+    _optional(definition, function, "strict", _boolean, f"{param}.function")
 
 
 def _tools(request: pb.ChatCompletionRequest, value: object) -> None:
@@ -382,12 +359,12 @@ def _response_format(request: pb.ChatCompletionRequest, value: object) -> None:
     kind = item.get("type")
     if kind is None:
         raise _missing("response_format.type")
-    kind_value = _RESPONSE_FORMAT_TYPES.get(kind) if type(kind) is str else None
+    kind_value = RESPONSE_FORMAT_TYPES.get(kind) if type(kind) is str else None
     if kind_value is None:
         raise _value_error(
             "response_format.type",
             _string(kind, "response_format.type"),
-            tuple(_RESPONSE_FORMAT_TYPES),
+            tuple(RESPONSE_FORMAT_TYPES),
         )
     response_format = request.response_format
     response_format.type = kind_value
@@ -396,18 +373,12 @@ def _response_format(request: pb.ChatCompletionRequest, value: object) -> None:
         return
     schema_item = _object(schema_item, "response_format.json_schema")
     target = response_format.json_schema
-    name = schema_item.get("name")
-    if name is not None:
-        target.name = _string(name, "response_format.json_schema.name")
-    description = schema_item.get("description")
-    if description is not None:
-        target.description = _string(description, "response_format.json_schema.description")
+    _optional(target, schema_item, "name", _string, "response_format.json_schema")
+    _optional(target, schema_item, "description", _string, "response_format.json_schema")
     schema = schema_item.get("schema")
     if schema is not None:
         _struct(target.schema, schema, "response_format.json_schema.schema")
-    strict = schema_item.get("strict")
-    if strict is not None:
-        target.strict = _boolean(strict, "response_format.json_schema.strict")
+    _optional(target, schema_item, "strict", _boolean, "response_format.json_schema")
     target.SetInParent()
 
 
@@ -472,13 +443,8 @@ def chat_request_from_json(body: dict) -> pb.ChatCompletionRequest:
 # Response: proto -> JSON
 # ---------------------------------------------------------------------------
 
-_FINISH_REASONS = {
-    pb.FINISH_REASON_UNSPECIFIED: None,
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
-    pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
-}
+# FinishReason -> its JSON spelling; FINISH_REASON_UNSPECIFIED (not finished) is JSON null.
+_FINISH_REASONS: dict[int, str | None] = {pb.FINISH_REASON_UNSPECIFIED: None, **FINISH_REASON_NAMES}
 
 
 def _usage(usage: pb.Usage) -> dict:

@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from adapters.rest.errors import APIError, from_rpc_error
 from chatrpc.v1 import chat_pb2_grpc
+from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_SCOPE_KEY = "chatrpc.request_id"
@@ -81,7 +82,7 @@ def call_metadata(request: Request) -> tuple[tuple[str, str], ...] | None:
             "The Authorization header holds characters that an API key cannot contain.",
             code="invalid_api_key",
         )
-    return (("authorization", authorization),)
+    return ((AUTHORIZATION_METADATA_KEY, authorization),)
 
 
 class DisconnectWatch:

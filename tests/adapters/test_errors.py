@@ -65,17 +65,6 @@ def test_error_param_with_a_path_and_other_metadata():
     assert error.param == "messages[2].content"
 
 
-def test_error_code_from_trailing_metadata_overrides():
-    error = from_rpc_error(
-        rpc_error(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "too long",
-            [("error-param", "messages"), ("error-code", "context_length_exceeded")],
-        )
-    )
-    assert (error.status, error.param, error.code) == (400, "messages", "context_length_exceeded")
-
-
 def test_oversized_message_is_413_not_a_rate_limit():
     error = from_rpc_error(
         rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (5000000 vs. 4194304)")

@@ -1,0 +1,51 @@
+"""The wire-level names of chatrpc.v1 that generated code does not carry, written once for the
+service and the REST adapter alike (protos/chatrpc/v1/chat.proto documents each of them).
+
+- The metadata key of the API key, and the trailing metadata key of an error status that names
+  the request parameter at fault.
+- The JSON spelling of every enum value: its name without the enum's prefix, in lower case
+  (`ROLE_USER` is "user", `FINISH_REASON_TOOL_CALLS` is "tool_calls"); `*_UNSPECIFIED` has none.
+- The number of choices a request asks for when it leaves `n` out.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from chatrpc.v1 import chat_pb2
+
+# The call metadata that carries the client's API key, as `Bearer <key>` (HTTP's Authorization header).
+AUTHORIZATION_METADATA_KEY = "authorization"
+
+# An INVALID_ARGUMENT status names the offending parameter in this trailing metadata key, in the
+# REST spelling (`temperature`, `messages[2].content`); the REST adapter returns it as `param`.
+ERROR_PARAM_METADATA_KEY = "error-param"
+
+# `n` when the request leaves it out.
+DEFAULT_CHOICES = 1
+
+
+def _spellings(enum: EnumTypeWrapper) -> dict[int, str]:
+    """Enum value -> JSON spelling, derived from the value names in the .proto."""
+    prefix = enum.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
+    return {
+        value.number: value.name.removeprefix(prefix).lower()
+        for value in enum.DESCRIPTOR.values
+        if not value.name.endswith("_UNSPECIFIED")
+    }
+
+
+ROLE_NAMES = _spellings(chat_pb2.Role)
+FINISH_REASON_NAMES = _spellings(chat_pb2.FinishReason)
+TOOL_CHOICE_MODE_NAMES = _spellings(chat_pb2.ToolChoiceMode)
+RESPONSE_FORMAT_TYPE_NAMES = _spellings(chat_pb2.ResponseFormatType)
+
+ROLES = {name: value for value, name in ROLE_NAMES.items()}
+FINISH_REASONS = {name: value for value, name in FINISH_REASON_NAMES.items()}
+TOOL_CHOICE_MODES = {name: value for value, name in TOOL_CHOICE_MODE_NAMES.items()}
+RESPONSE_FORMAT_TYPES = {name: value for value, name in RESPONSE_FORMAT_TYPE_NAMES.items()}
+
+
+def requested_choices(request: chat_pb2.ChatCompletionRequest) -> int:
+    """How many choices the request asks for (`n`, or its default)."""
+    return request.n if request.HasField("n") else DEFAULT_CHOICES
