@@ -13,7 +13,6 @@ import asyncio
 import statistics
 import time
 
-from service.engine.scheduler import StepTimings
 from service.models import DEFAULT_MODEL_ID, EngineSettings, ModelRegistry, ModelSpec
 from service.request import Generation, SamplingParams
 
@@ -28,9 +27,9 @@ FULL = SamplingParams(
 NEVER_END = {1: -100.0, 106: -100.0, 212: -100.0}
 
 
-def workloads(tokens: int, grammars):
+def workloads(tokens: int, constraints):
     schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 8}}}}
-    json_grammar = grammars.from_json_schema(schema, param="bench")
+    json_grammar = constraints.from_json_schema(schema, param="bench")
     return {
         "greedy, 1 stream": (1, SamplingParams(temperature=0.0, logit_bias=NEVER_END), None),
         "full parameters, 1 stream": (
@@ -79,10 +78,10 @@ def main() -> None:
         "| sampling + masks share | generated tok/s |"
     )
     print("|---|---|---|---|---|---|")
-    for name, (streams, sampling, grammar) in workloads(args.tokens, served.grammars).items():
+    for name, (streams, sampling, grammar) in workloads(args.tokens, served.constraints).items():
         shares, decode_ms, sample_ms, mask_ms, rates = [], [], [], [], []
         for _ in range(args.repeats):
-            served.scheduler.timings = StepTimings()
+            served.scheduler.timings.reset()
             started = time.perf_counter()
             asyncio.run(run(served.scheduler, prompt, streams, sampling, grammar, args.tokens))
             wall = time.perf_counter() - started

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.grammar import GrammarCompiler
+from service.engine.choices import choice_limit
+from service.engine.json_constraints import ConstraintCompiler
 from service.engine.model import LoadedModel
 from service.engine.scheduler import Scheduler
 from service.errors import ModelNotFound
@@ -77,7 +78,7 @@ class ServedModel:
     model: LoadedModel
     scheduler: Scheduler
     capabilities: Capabilities
-    grammars: GrammarCompiler
+    constraints: ConstraintCompiler
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "chatrpc"
 
@@ -92,9 +93,9 @@ class EngineSettings:
     prefill_chunk: int = 256
     max_waiting: int = 256
     threads: int | None = None
-    max_choices: int = 8
+    max_n: int = 8  # --max-n; `choice_limit` also bounds n by max_sequences
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
-    idle_prefill: bool = True  # idle free slots prefill what their sequences generated (prefix_cache.py)
+    idle_prefill: bool = True  # idle free slots prefill what their sequences generated (idle_prefill.py)
     deterministic: bool = False  # kernels that do not switch with load: output does not depend on it
     flash_attention: bool = True  # llama.cpp's fused attention kernel (off with `deterministic`)
     speculative_tokens: int = 3  # prompt-lookup guesses checked per step of a lone sequence (0: off)
@@ -106,6 +107,7 @@ class ModelRegistry:
 
     def __init__(self, specs: list[ModelSpec], settings: EngineSettings) -> None:
         self.settings = settings
+        self.max_choices = choice_limit(settings.max_n, settings.max_sequences)
         self._served: dict[str, ServedModel] = {}
         for spec in specs:
             if spec.model_id in self._served:
@@ -122,10 +124,10 @@ class ModelRegistry:
                 deterministic=settings.deterministic,
                 flash_attention=settings.flash_attention,
             )
-            grammars = GrammarCompiler(model.vocab, model.vocab_size)
+            constraints = ConstraintCompiler(model.vocab, model.vocab_size)
             scheduler = Scheduler(
                 model,
-                grammars,
+                constraints,
                 max_waiting=settings.max_waiting,
                 prefill_chunk=settings.prefill_chunk,
                 prefix_cache=settings.prefix_cache,
@@ -133,7 +135,7 @@ class ModelRegistry:
                 speculative_tokens=settings.speculative_tokens,
                 speculative_ngram=settings.speculative_ngram,
             )
-            self._served[spec.model_id] = ServedModel(model, scheduler, spec.capabilities, grammars)
+            self._served[spec.model_id] = ServedModel(model, scheduler, spec.capabilities, constraints)
 
     def get(self, model_id: str) -> ServedModel:
         served = self._served.get(model_id)

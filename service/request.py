@@ -15,48 +15,17 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import json_format
 
 from chatrpc.v1 import chat_pb2
+from chatrpc.v1.wire import ROLE_NAMES, requested_choices
+from service.engine.json_constraints import JSON_OBJECT_SCHEMA
 from service.errors import InvalidArgument
 from service.tool_calls import ToolSpec, check_tool, forced_call_schema
 
 if TYPE_CHECKING:
-    from service.engine.grammar import GrammarCompiler
+    from service.engine.json_constraints import ConstraintCompiler
     from service.engine.model import LoadedModel
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
-DEFAULT_MAX_CHOICES = 8
-
-# response_format json_object: any JSON object, within bounds. A valid object is all the mode promises,
-# and the bounds (no string over 256 characters, integers within ±10^15, at most 16 members or items
-# per object or array) keep a small model from spending its whole budget on one endless number or
-# an endless run of keys, which would leave the JSON unfinished.
-_JSON_VALUE = {"$ref": "#/$defs/value"}
-JSON_OBJECT_SCHEMA: dict[str, Any] = {
-    "$defs": {
-        "value": {
-            "anyOf": [
-                {"type": "string", "maxLength": 256},
-                {"type": "integer", "minimum": -(10**15), "maximum": 10**15},
-                {"type": "number", "minimum": -1e15, "maximum": 1e15},
-                {"type": "boolean"},
-                {"type": "null"},
-                {"type": "array", "items": _JSON_VALUE, "maxItems": 16},
-                {"type": "object", "additionalProperties": _JSON_VALUE, "maxProperties": 16},
-            ]
-        }
-    },
-    "type": "object",
-    "additionalProperties": _JSON_VALUE,
-    "maxProperties": 16,
-}
-
-_ROLE_NAMES = {
-    chat_pb2.ROLE_SYSTEM: "system",
-    chat_pb2.ROLE_DEVELOPER: "developer",
-    chat_pb2.ROLE_USER: "user",
-    chat_pb2.ROLE_ASSISTANT: "assistant",
-    chat_pb2.ROLE_TOOL: "tool",
-}
 
 
 @dataclass(frozen=True)
@@ -160,7 +129,7 @@ def check_messages(messages) -> list[dict[str, Any]]:
         raise InvalidArgument("messages", "'messages' must hold at least one message.")
     rendered = []
     for i, message in enumerate(messages):
-        role = _ROLE_NAMES.get(message.role)
+        role = ROLE_NAMES.get(message.role)
         if role is None:
             raise InvalidArgument(
                 f"messages[{i}].role", "Each message needs a role: system, developer, user, assistant or tool."
@@ -269,9 +238,7 @@ def check_tools(request: chat_pb2.ChatCompletionRequest) -> tuple[list[ToolSpec]
     return tools, mode, name, parallel
 
 
-def check_parameters(
-    request: chat_pb2.ChatCompletionRequest, *, streaming: bool, max_choices: int = DEFAULT_MAX_CHOICES
-) -> CheckedRequest:
+def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool, max_choices: int) -> CheckedRequest:
     """All checks that need no model, in the order the spec lists the fields."""
     messages = check_messages(request.messages)
 
@@ -306,7 +273,7 @@ def check_parameters(
                 raise InvalidArgument(name, f"'{name}' must be at least 1, got {value}.")
             max_tokens, max_tokens_param = value, name
 
-    n = request.n if request.HasField("n") else 1
+    n = requested_choices(request)
     if not 1 <= n <= max_choices:
         raise InvalidArgument("n", f"'n' must be in [1, {max_choices}], got {n}.")
 
@@ -375,7 +342,7 @@ class Capabilities:
 
 
 def build_generation(
-    checked: CheckedRequest, model: LoadedModel, capabilities: Capabilities, grammars: GrammarCompiler
+    checked: CheckedRequest, model: LoadedModel, capabilities: Capabilities, constraints: ConstraintCompiler
 ) -> Generation:
     """The checks that need the model: its capabilities, token ids in its vocabulary, prompt and budget
     in its context, and the grammar the output must follow."""
@@ -393,9 +360,9 @@ def build_generation(
     grammar = None
     if checked.forces_tool_call:
         schema = forced_call_schema(checked.tools, only=checked.tool_name, parallel=checked.parallel_tool_calls)
-        grammar = grammars.from_json_schema(schema, param="tools")
+        grammar = constraints.from_json_schema(schema, param="tools")
     elif checked.json_schema is not None:
-        grammar = grammars.from_json_schema(checked.json_schema, param="response_format")
+        grammar = constraints.from_json_schema(checked.json_schema, param="response_format")
     prompt_tokens = model.render_prompt(checked.messages, checked.tools if checked.tool_choice != "none" else [])
     context = model.context_per_sequence
     if len(prompt_tokens) >= context:

@@ -1,57 +1,19 @@
 """The ChatCompletions gRPC servicer: unpack the request, run it on the engine, pack the answer.
 
-Errors are `ServiceError`s raised anywhere below; they become a gRPC status in `_errors_to_status`.
+Errors are `ServiceError`s raised anywhere below, the engine's included (a failed sequence's update
+carries one); they become the RPC's status in one place, service/errors.py.
 When the client cancels or its deadline passes, grpc.aio cancels the handler and the `finally`
 cancels the sequence, which the scheduler frees at its next step.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-
-import grpc
-
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 from service import responses
 from service.choice_output import ChoiceOutput
-from service.errors import ServiceError, abort_with
+from service.errors import reported_as_status
 from service.models import ModelRegistry
 from service.request import build_generation, check_parameters
-
-log = logging.getLogger(__name__)
-
-
-class GenerationFailed(ServiceError):
-    code = grpc.StatusCode.INTERNAL
-
-
-class ShuttingDown(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-def _errors_to_status(handler):
-    if inspect.isasyncgenfunction(handler):
-
-        @functools.wraps(handler)
-        async def streaming(self, request, context):
-            try:
-                async for item in handler(self, request, context):
-                    yield item
-            except ServiceError as error:
-                await abort_with(context, error)
-
-        return streaming
-
-    @functools.wraps(handler)
-    async def unary(self, request, context):
-        try:
-            return await handler(self, request, context)
-        except ServiceError as error:
-            await abort_with(context, error)
-
-    return unary
 
 
 class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
@@ -59,21 +21,21 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         self._registry = registry
 
     def _start(self, request: chat_pb2.ChatCompletionRequest, *, streaming: bool):
-        checked = check_parameters(request, streaming=streaming, max_choices=self._registry.settings.max_choices)
+        checked = check_parameters(request, streaming=streaming, max_choices=self._registry.max_choices)
         served = self._registry.get(request.model)
-        generation = build_generation(checked, served.model, served.capabilities, served.grammars)
+        generation = build_generation(checked, served.model, served.capabilities, served.constraints)
         stream = served.scheduler.submit(generation)
         header = responses.CompletionHeader.new(request.model, served.model.system_fingerprint)
         outputs = [ChoiceOutput(index, checked) for index in range(checked.n)]
         return checked, generation, stream, header, outputs
 
-    @_errors_to_status
+    @reported_as_status
     async def CreateChatCompletion(self, request, context):  # noqa: N802 - gRPC method name
         checked, generation, stream, header, outputs = self._start(request, streaming=False)
         try:
             async for update in stream.updates():
                 if update.error is not None:
-                    raise _failure(update.error)
+                    raise update.error
                 outputs[update.index].add(update)
         finally:
             stream.cancel()
@@ -81,7 +43,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
             header, outputs, prompt_tokens=len(generation.prompt_tokens), with_logprobs=checked.sampling.logprobs
         )
 
-    @_errors_to_status
+    @reported_as_status
     async def StreamChatCompletion(self, request, context):  # noqa: N802
         checked, generation, stream, header, outputs = self._start(request, streaming=True)
         want_logprobs = checked.sampling.logprobs
@@ -94,7 +56,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         try:
             async for update in stream.updates():
                 if update.error is not None:
-                    raise _failure(update.error)
+                    raise update.error
                 piece = outputs[update.index].add(update)
                 logprobs = piece.logprobs if want_logprobs else None
                 if piece.text or piece.tool_calls or logprobs or piece.finish_reason is not None:
@@ -128,9 +90,3 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
                 for model_id, served in self._registry.all()
             ],
         )
-
-
-def _failure(message: str) -> ServiceError:
-    if "shutting down" in message:
-        return ShuttingDown(message)
-    return GenerationFailed(message)

@@ -1,16 +1,22 @@
-"""A llama_batch whose arrays are numpy arrays, so a step's batch is filled with slice writes.
+"""A step's llama_decode: the batch of tokens it takes and the logits it leaves.
 
-llama_batch_init gives each token its own malloc'd seq_id array; here every seq_id[i] points into one
-int32 array instead, so setting the sequence ids of a whole run of tokens is one vectorised write.
-Each token belongs to exactly one sequence (n_seq_id = 1).
+`TokenBatch` is a llama_batch whose arrays are numpy arrays, so a step's batch is filled with slice
+writes. llama_batch_init gives each token its own malloc'd seq_id array; here every seq_id[i] points
+into one int32 array instead, so setting the sequence ids of a whole run of tokens is one vectorised
+write. Each token belongs to exactly one sequence (n_seq_id = 1).
 """
 
 from __future__ import annotations
 
 import ctypes
+import time
+from collections.abc import Sequence as TokenList
 
 import llama_cpp
 import numpy as np
+
+from service.engine.model import LoadedModel
+from service.engine.timings import StepTimings
 
 
 class TokenBatch:
@@ -46,7 +52,15 @@ class TokenBatch:
     def room(self) -> int:
         return self.capacity - self.size
 
-    def add(self, seq_id: int, tokens, first_position: int, *, output_last: bool, output_all: bool = False) -> None:
+    def add(
+        self,
+        seq_id: int,
+        tokens: TokenList[int] | np.ndarray,
+        first_position: int,
+        *,
+        output_last: bool,
+        output_all: bool = False,
+    ) -> None:
         """Append a run of one sequence's tokens at consecutive positions; the last one (or every
         one) may output logits."""
         n = len(tokens)
@@ -62,3 +76,27 @@ class TokenBatch:
     def finish(self) -> llama_cpp.llama_batch:
         self.struct.n_tokens = self.size
         return self.struct
+
+
+class Decoder:
+    """The llama_decode calls of requests' steps on one model's context (scheduler thread only)."""
+
+    def __init__(self, model: LoadedModel, timings: StepTimings) -> None:
+        self._model = model
+        self._timings = timings
+        self.batch = TokenBatch(model.batch_size)
+
+    def run(self) -> None:
+        """Decode the batch as filled; a failure leaves the KV of its sequences in doubt."""
+        started = time.perf_counter()
+        status = llama_cpp.llama_decode(self._model.context, self.batch.finish())
+        self._timings.decode_seconds += time.perf_counter() - started
+        self._timings.decode_calls += 1
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+
+    def logits(self, rows: int) -> np.ndarray:
+        """A zero-copy view of the last decode's output rows."""
+        return np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits(self._model.context), shape=(rows, self._model.vocab_size)
+        )

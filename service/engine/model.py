@@ -32,8 +32,8 @@ _kernels_pinned: bool | None = None  # the `deterministic` every model of this p
 # llama.cpp's CPU backend multiplies by K-quant weights (the embedded model's attn_output and
 # ffn_down) with a tiled kernel once a batch has 8 rows or more, and with a dot-product kernel below
 # that. They round differently, so a sequence's logits would depend on how many others share its
-# decode step (measured: up to ~1.6 at 8 rows, nothing at 2-7; benchmarks/determinism.py). With this
-# variable at 0 every batch size takes the dot-product kernel. llama.cpp reads it once per process,
+# decode step (benchmarks/determinism.py measures by how much). With this variable at 0 every batch
+# size takes the dot-product kernel. llama.cpp reads it once per process,
 # at its first matrix product, so the choice holds for the whole process.
 _TILED_MATMUL_ENV = "GGML_CPU_TILED_MM"
 
@@ -147,12 +147,12 @@ class LoadedModel:
         context_params.kv_unified = False
         context_params.no_perf = True
         # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it. The
-        # CPU flash-attention kernel decodes several sequences faster (an 8-row step 4-20 % here),
-        # but a sequence decoding alone with more than 256 tokens of context takes its split-KV path,
-        # and one sharing the step with others does not (measured: logits differ by ~1); the unfused
-        # attention gives identical logits whatever shares the step, so `deterministic` leaves flash
-        # attention off. Off is also faster for prompt chunks far into a context (the tiled flash
-        # kernel was 3x the unfused attention's time there: docs/benchmarks.md, "Turn 6 back to back").
+        # CPU flash-attention kernel decodes several sequences faster, but a sequence decoding alone
+        # with more than 256 tokens of context takes its split-KV path, and one sharing the step with
+        # others does not, so their logits differ; the unfused attention gives identical logits
+        # whatever shares the step, so `deterministic` leaves flash attention off. Off is also faster
+        # for prompt chunks far into a context (docs/engine.md, "Flash attention"; measured by
+        # benchmarks/attention.py).
         context_params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if self.flash_attention

@@ -2,16 +2,15 @@
 
 llama.cpp built with OpenMP (the default on Linux, and how pip builds llama-cpp-python) runs every
 decode on a libgomp thread pool owned by the calling thread. After each parallel region the pool's
-workers spin, up to GOMP_SPINCOUNT pauses (300,000 by default: 6-13 ms of a core on this machine),
-before they sleep. Between two decode steps that spin is what keeps the next step from waiting for
-its workers to wake (`OMP_WAIT_POLICY=PASSIVE` cost 8-12 % of one stream's speed here). After the
-last step of a busy period it is pure loss: it holds a core for 10 ms just when the service's,
-the adapter's and the client's network stacks deliver the answer (on a 2-core machine, measured in
-docs/benchmarks.md, "The REST overhead hop by hop").
+workers spin, up to GOMP_SPINCOUNT pauses, before they sleep. Between two decode steps that spin is
+what keeps the next step from waiting for its workers to wake (`OMP_WAIT_POLICY=PASSIVE`, which
+never spins, slows decode). After the last step of a busy period it is pure loss: it holds a core
+just when the service's, the adapter's and the client's network stacks deliver the answer
+(docs/engine.md, "Idle threads (OpenMP)"; docs/benchmarks.md, "The REST overhead hop by hop").
 
 `omp_pause_resource_all(omp_pause_soft)`, called by the thread that owns the pool, ends its workers
-(libgomp joins them: ~0.1 ms); the next decode starts a new pool. The standard OpenMP 5.0 call
-rather than an environment variable, because the spin is wanted while sequences decode.
+(libgomp joins them); the next decode starts a new pool. The standard OpenMP 5.0 call rather than an
+environment variable, because the spin is wanted while sequences decode.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.detokenizer import IncrementalDetokenizer
+from service.errors import ServiceError
 from service.request import Generation
 from service.stop_strings import StopStringMatcher
 
@@ -41,7 +42,7 @@ class SequenceUpdate:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None
     completion_tokens: int
-    error: str | None = None
+    error: ServiceError | None = None
     index: int = 0  # the choice this update belongs to
 
 
@@ -77,9 +78,9 @@ class Sequence:
         self.index = index  # which of the request's n choices this is
         self.seed = seed
         self.deliver = deliver
-        self.siblings: list[Sequence] = []  # the request's other choices, forked from choice 0's prompt
-        self.awaiting_fork = False  # a sibling waits for choice 0's prefill instead of prefilling
-        self.grammar = None  # GrammarMatcher when the output is constrained
+        self.siblings: list[Sequence] = []  # the request's other choices (choices.py)
+        self.awaiting_fork = False  # a choice > 0 waits for choice 0's prefill instead of prefilling
+        self.constraint = None  # ConstraintMatcher when the output is constrained (json_constraints.py)
         self.seq_id: int = -1
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.n_past = 0  # tokens of this sequence in the KV cache, prompt and generated
@@ -103,9 +104,9 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.prefilled < self.prompt_length
 
-    def fail(self, message: str) -> None:
+    def fail(self, error: ServiceError) -> None:
         self.finished = True
-        self.deliver(SequenceUpdate("", None, None, self.generated, error=message, index=self.index))
+        self.deliver(SequenceUpdate("", None, None, self.generated, error=error, index=self.index))
 
     def _logprob_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         raw = self._token_bytes(token)

@@ -1,25 +1,21 @@
-"""Speculative decoding with prompt-lookup drafts, for a sequence that decodes alone.
+"""Speculative decoding's guesses: prompt-lookup drafts for a sequence that decodes alone.
 
-One row leaves most of a decode step idle: on the 2-core machine of docs/benchmarks.md a step of
-one row takes ~25 ms, and 2, 3 or 4 rows of the same sequence ~31, ~37 and ~44 ms. So while a single
-sequence decodes, the scheduler guesses its next tokens from its own history (prompt and output):
-the tokens that followed the latest earlier occurrence of its last `max_n` (down to `min_n`) tokens
-- prompt lookup decoding, vLLM's "ngram" method. The step decodes the last token and the guesses
-together, every row with logits, and the scheduler samples the rows in order exactly as it samples
-ordinary steps, one token per row, stopping after the first token that is not the guess the next
-row was computed from. Each emitted token is so drawn from the same distribution, with the same
-random draw, as without speculation; guesses that held are free tokens, and the KV of the others
-is removed.
+One row leaves most of a decode step idle: a step of a few rows of the same sequence takes little
+longer than a step of one (docs/engine.md, "Speculative decoding", gives the step times). So while
+a single sequence decodes, the scheduler guesses its next tokens from its own history (prompt and
+output): the tokens that followed the latest earlier occurrence of its last `max_n` (down to
+`min_n`) tokens - prompt lookup decoding, vLLM's "ngram" method. speculative_step.py checks the
+guesses; a sampled token is always drawn as a plain step would draw it.
 
 What it does not keep: a row's logits from a step of several rows are not bit-identical to those
 of a one-row step once llama.cpp's kernels switch (flash attention's split-KV path serves a lone
-sequence past 256 tokens of context; docs/benchmarks.md), so at a near-tie a speculative step can
-pick another token than a plain one would. `--deterministic` therefore turns speculation off.
+sequence past 256 tokens of context), so at a near-tie a speculative step can pick another token
+than a plain one would. `--deterministic` therefore turns speculation off.
 
 When guesses keep failing, a step of k + 1 rows costs more than the tokens it yields; each
 sequence keeps a moving average of the share of its guesses that held and, while that is under the
-break-even, checks only one guess every `PROBE_EVERY` steps (a step ~25 % longer, so a sequence whose
-guesses always fail loses ~1.5 %), going back to full drafts once the share recovers.
+break-even, checks only one guess every `PROBE_EVERY` steps (a cheap probe), going back to full
+drafts once the share recovers.
 """
 
 from __future__ import annotations
@@ -29,9 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Share of guesses that hold under which a sequence stops making full drafts: 3 guesses make a step
-# ~1.8x as long as a plain one (measured above), so they must yield ~0.8 tokens; with a share r that
-# holds independently they yield r + r^2 + r^3, which is 0.8 at r ~ 0.48.
+# Share of guesses that hold under which a sequence stops making full drafts: k guesses that each
+# hold with probability r yield r + r^2 + ... + r^k tokens, which must pay for the longer step
+# (docs/engine.md, "Speculative decoding", derives this value from the step times measured there).
 BREAK_EVEN = 0.5
 # Weight of the latest step in the moving average.
 _EMA_WEIGHT = 0.3

@@ -1,6 +1,6 @@
 """llama.cpp's OpenMP workers exist while the scheduler decodes and are gone once it is idle.
 
-Left alone, libgomp's workers spin for ~10 ms after every decode, a core taken from the network
+Left alone, libgomp's workers spin a while after every decode, a core taken from the network
 stacks that deliver the answer (service/engine/openmp.py). The real engine on the embedded model.
 """
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from service.engine.grammar import GrammarCompiler
+from service.engine.json_constraints import ConstraintCompiler
 from service.engine.model import LoadedModel
 from service.engine.openmp import WorkerPool
 from service.engine.scheduler import Scheduler
@@ -40,7 +40,7 @@ def test_the_workers_are_released_when_the_scheduler_goes_idle():
     if not WorkerPool().active:
         pytest.skip("llama.cpp does not run on libgomp in this build")
     model = LoadedModel("test", embedded_model_path(), context_per_sequence=512, max_sequences=2, threads=2)
-    scheduler = Scheduler(model, GrammarCompiler(model.vocab, model.vocab_size))
+    scheduler = Scheduler(model, ConstraintCompiler(model.vocab, model.vocab_size))
     try:
         prompt = model.render_prompt([{"role": "user", "content": "Count from one to twenty."}])
         for _ in range(2):  # the second busy period starts a new pool

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from chatrpc.cli import build_parser
-from service.engine.grammar import GrammarCompiler
+from service.engine.json_constraints import ConstraintCompiler
 from service.engine.model import LoadedModel
 from service.engine.scheduler import Scheduler
 from service.models import embedded_model_path
@@ -62,7 +62,7 @@ class Engine:
         )
         self.scheduler = Scheduler(
             self.model,
-            GrammarCompiler(self.model.vocab, self.model.vocab_size),
+            ConstraintCompiler(self.model.vocab, self.model.vocab_size),
             prefill_chunk=chunk,
             prefix_cache=prefix_cache,
             idle_prefill=idle_prefill,
@@ -110,14 +110,14 @@ class Engine:
     async def _until_idle(self, sleep) -> None:
         """Until every slot is back (a cancelled request leaves at the scheduler's next step)."""
         deadline = time.monotonic() + 60
-        while self.cache.free_count < self.slots:
+        while self.scheduler.slots.free_count < self.slots:
             assert time.monotonic() < deadline, "the scheduler did not free its slots"
             await sleep(0.01)
 
     def wait_idle_prefill(self) -> None:
         """Until the scheduler has prefilled, while idle, all that finished sequences generated."""
         deadline = time.monotonic() + 60
-        while self.cache.idle_prefill_pending() or self.scheduler.idle_prefilling:
+        while self.scheduler.idle_prefill.pending() or self.scheduler.idle_prefill.running:
             assert time.monotonic() < deadline, "idle prefill did not finish"
             time.sleep(0.01)
 
@@ -279,8 +279,8 @@ def test_idle_prefill_lets_the_next_turn_reuse_the_answer(flash_attention, engin
         cached.wait_idle_prefill()
         previous = prompt
         messages.append({"role": "assistant", "content": expected[0].text})
-    assert cached.cache.stats.idle_prefilled_tokens >= 2 * 64
-    assert cached.cache.stats.idle_prefills_interrupted == 0
+    assert cached.scheduler.idle_prefill.stats.prefilled_tokens >= 2 * 64
+    assert cached.scheduler.idle_prefill.stats.interrupted == 0
     # Idle prefill is counted apart: every prompt token was still prefilled once or reused.
     assert (
         cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens
@@ -297,12 +297,12 @@ def test_a_request_stops_idle_prefill_which_resumes_once_idle_again(engine_pair,
     other_expected = plain.run(other, max_tokens=8, temperature=0.0)
     assert cached.run(prompt, max_tokens=200, temperature=0.0) == answer
     deadline = time.monotonic() + 60
-    while not cached.scheduler.idle_prefilling:  # a piece of ~200 rows stays in llama_decode a while
+    while not cached.scheduler.idle_prefill.running:  # a piece of ~200 rows stays in llama_decode a while
         assert time.monotonic() < deadline, "idle prefill did not start"
         time.sleep(0.001)
     # Another conversation comes meanwhile: it stops the piece (and takes another slot).
     assert cached.run(other, max_tokens=8, temperature=0.0) == other_expected
-    assert cached.cache.stats.idle_prefills_interrupted == 1
+    assert cached.scheduler.idle_prefill.stats.interrupted == 1
     # llama.cpp reports a stopped decode at ERROR level; a stop on purpose is no error of the server.
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     cached.wait_idle_prefill()  # idle again: the stopped piece is done after all

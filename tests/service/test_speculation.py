@@ -16,15 +16,23 @@ import jsonschema
 import numpy as np
 import pytest
 
-from service.engine.grammar import GrammarCompiler
+from service.engine.json_constraints import ConstraintCompiler
 from service.engine.model import LoadedModel
 from service.engine.scheduler import Scheduler
 from service.engine.speculation import BREAK_EVEN, PROBE_EVERY, PromptLookup, lookup_draft
 from service.models import embedded_model_path
 from service.request import Generation, SamplingParams
 
-# Short prompts on which the base model repeats itself, so that guesses are made and hold.
-PROMPTS = ["Why is the sky blue?", "Describe the life of a honeybee.", "List some ways to save energy at home."]
+# Short prompts on which the base model repeats itself, so that guesses are made and hold. Which
+# guesses hold depends on the text, and so on the CPU's kernels (the logits' last bits): the last
+# prompt repeats itself, so that its guesses hold under penalties too, on every machine.
+PROMPTS = [
+    "Why is the sky blue?",
+    "Describe the life of a honeybee.",
+    "List some ways to save energy at home.",
+    "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. "
+    "The quick brown fox",
+]
 
 
 # ---- the drafts -------------------------------------------------------------------------------
@@ -92,8 +100,10 @@ def test_draft_sees_each_new_output_token_once():
 class Engine:
     def __init__(self, *, speculative_tokens: int) -> None:
         self.model = LoadedModel("test", embedded_model_path(), context_per_sequence=1024, max_sequences=2)
-        self.grammars = GrammarCompiler(self.model.vocab, self.model.vocab_size)
-        self.scheduler = Scheduler(self.model, self.grammars, speculative_tokens=speculative_tokens, prefix_cache=False)
+        self.constraints = ConstraintCompiler(self.model.vocab, self.model.vocab_size)
+        self.scheduler = Scheduler(
+            self.model, self.constraints, speculative_tokens=speculative_tokens, prefix_cache=False
+        )
 
     def run(self, content: str, *, n: int = 1, max_tokens: int = 96, stop=(), grammar=None, **sampling):
         prompt = self.model.render_prompt([{"role": "user", "content": content}])
@@ -187,7 +197,7 @@ def test_json_schema_with_guessing(engines):
         "required": ["items"],
         "additionalProperties": False,
     }
-    grammar = guessing.grammars.from_json_schema(schema, param="response_format")
+    grammar = guessing.constraints.from_json_schema(schema, param="response_format")
     (choice,), _ = assert_same(
         guessing, plain, "List some fruits as JSON.", grammar=grammar, temperature=0.7, seed=2, max_tokens=120
     )
