@@ -38,7 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import PROMPTS, GrpcClient, RawHttpClient, Server, chatrpc_command, free_port
+from serving import PROMPTS, GrpcClient, RawHttpClient, chatrpc_command, start
+
+from chatrpc.local_server import free_port
 
 _CONTROL_FRAME = 17
 _PACKET = re.compile(r"(\d+\.\d+) IP \S+?\.(\d+) > \S+?\.(\d+): tcp (\d+)")
@@ -145,9 +147,7 @@ async def main() -> None:
         sys.exit("tcpdump is not installed (apt-get install tcpdump)")
     scratch = Path(tempfile.mkdtemp(prefix="chatrpc-hops-"))
     grpc_port, rest_port = free_port(), free_port()
-    server = Server(
-        "chatrpc", chatrpc_command(grpc_port, rest_port, 8), f"http://127.0.0.1:{rest_port}/health", scratch
-    )
+    server = start("chatrpc", chatrpc_command(grpc_port, rest_port, 8), f"http://127.0.0.1:{rest_port}/health", scratch)
     dump_path = scratch / "packets.txt"
     try:
         server.wait_ready()

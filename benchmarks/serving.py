@@ -25,7 +25,7 @@ else as content chunks. Also measured:
                      previous answers and a new question); the TTFT of each turn. Once per pause of
                      `--pauses` (0,2): the seconds between an answer and the next question, 0 for
                      back to back, 2 for a user who reads and types (chatrpc prefills the answer
-                     again meanwhile: README, "Prefix caching")
+                     again meanwhile: docs/engine.md, "Idle prefill")
   REST overhead      (--compare, --rest-overhead) latency of one-token streaming requests through
                      REST and through gRPC, interleaved: the p50s, their difference, and the median
                      of per-round differences; REST is timed with a bare HTTP/1.1 client on
@@ -57,15 +57,12 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -73,7 +70,9 @@ import grpc
 import httptools
 import httpx
 
+from chatrpc.local_server import LocalServer, free_port, serve_command
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
+from chatrpc.v1.wire import ROLES
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "gemma-3-270m"
@@ -85,8 +84,8 @@ LOOKUP_PEER = "llama-cpp-python + prompt lookup"
 NO_SPEC_REST = "chatrpc REST, no speculation"
 NO_SPEC_GRPC = "chatrpc gRPC, no speculation"
 NO_CACHE = "chatrpc gRPC, no prefix cache"
-# One wave of requests per level (two at one stream): a round of --compare takes ~5 min on an idle
-# 2-core machine (the peer serves one request at a time), a default run of 2 rounds ~12 min.
+# One wave of requests per level (two at one stream), to keep a round of --compare short: the peer
+# serves one request at a time.
 DEFAULT_REQUESTS = {1: 2, 4: 4, 8: 8, 16: 16}
 
 PROMPTS = [
@@ -273,10 +272,10 @@ class RawHttpClient(OpenAIClient):
     httptools (llhttp, the parser uvicorn uses): the REST overhead's ruler.
 
     An HTTP client library costs time of its own on every request, and a 2-core machine runs it
-    cold, after the model's threads have filled the caches: against the same adapter aiohttp adds
-    0.2-0.8 ms to a one-token request over this client, httpx 3.0-3.9 ms (the tables in
-    docs/benchmarks.md). The gRPC side runs grpc's own client, which the adapter also runs inside,
-    so what REST adds over gRPC through this client is the adapter's work and its two extra hops.
+    cold, after the model's threads have filled the caches: against the same adapter aiohttp and
+    httpx add to a one-token request over this client (the run prints by how much;
+    docs/benchmarks.md, "Serving"). The gRPC side runs grpc's own client, which the adapter also runs
+    inside, so what REST adds over gRPC through this client is the adapter's work and its two extra hops.
     """
 
     def __init__(self, base_url: str, model: str = MODEL_ID, api_key: str | None = None) -> None:
@@ -321,12 +320,6 @@ class RawHttpClient(OpenAIClient):
 class GrpcClient:
     """chatrpc's StreamChatCompletion, called directly."""
 
-    ROLES: ClassVar[dict[str, int]] = {
-        "user": chat_pb2.ROLE_USER,
-        "assistant": chat_pb2.ROLE_ASSISTANT,
-        "system": chat_pb2.ROLE_SYSTEM,
-    }
-
     def __init__(self, target: str, model: str = MODEL_ID, api_key: str | None = None) -> None:
         require_loopback(urlsplit(f"//{target}").hostname or "")
         self.channel = grpc.aio.insecure_channel(target)
@@ -337,7 +330,7 @@ class GrpcClient:
     async def stream(self, messages: list[dict], max_tokens: int) -> RequestResult:
         request = chat_pb2.ChatCompletionRequest(
             model=self.model, temperature=0, max_tokens=max_tokens, stream=True,
-            messages=[chat_pb2.ChatMessage(role=self.ROLES[m["role"]], text=m["content"]) for m in messages],
+            messages=[chat_pb2.ChatMessage(role=ROLES[m["role"]], text=m["content"]) for m in messages],
             logit_bias={t: -100 for t in END_TOKENS},
             stream_options=chat_pb2.StreamOptions(include_usage=True),
         )  # fmt: skip
@@ -591,51 +584,14 @@ class ForeignLoad:
 # --- the servers -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process on loopback ports, its output in a log file; stopped on exit."""
-
-    def __init__(self, name: str, command: list[str], health_url: str, log_dir: Path) -> None:
-        self.name, self.health_url = name, health_url
-        self.log_path = log_dir / f"{name}.log"
-        env = dict(os.environ)
-        env.pop("CHATRPC_API_KEYS", None)
-        with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.health_url, timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} did not become ready:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def start(name: str, command: list[str], health_url: str, log_dir: Path) -> LocalServer:
+    """A server for the run, with no API keys (the clients send none), its log in `log_dir`."""
+    env = {key: value for key, value in os.environ.items() if key != "CHATRPC_API_KEYS"}
+    return LocalServer(name, command, health_url, log_dir / f"{name}.log", env=env, cwd=REPO)
 
 
 def chatrpc_command(grpc_port: int, rest_port: int, parallel: int, *flags: str) -> list[str]:
-    return [
-        sys.executable, "-m", "chatrpc", "serve", "--grpc-port", str(grpc_port), "--port", str(rest_port),
-        "--parallel", str(parallel), "--log-level", "warning", *flags,
-    ]  # fmt: skip
+    return serve_command(grpc_port, rest_port, "--parallel", str(parallel), *flags)
 
 
 # llama-cpp-python's server through a launcher that keeps it alive on CPUs with AMX (its docstring).
@@ -716,7 +672,7 @@ async def measure(
                     + (f" {result.error_samples}" if result.errors else "")
                 )
     # The chats of all targets take turns (one each, then the next round), so that a slow spell of
-    # the machine (one llama_decode of the same rows took 1.5x as long in one chat as in the next)
+    # the machine (the same llama_decode can take much longer in one chat than in the next)
     # falls on every target alike rather than on one target's consecutive chats: turn 6's ratio
     # divides one target's TTFT by another's.
     for pause in args.pauses:
@@ -862,9 +818,9 @@ async def run_compare(args: argparse.Namespace) -> dict:
     peer_port, lookup_peer_port, issue_peer_port = free_port(), free_port(), free_port()
     model_path, threads = str(embedded_model_path()), os.cpu_count() or 1
 
-    def chatrpc(name: str, *flags: str) -> Server:
+    def chatrpc(name: str, *flags: str) -> LocalServer:
         grpc_port, rest_port = ports[name]
-        return Server(
+        return start(
             name,
             chatrpc_command(grpc_port, rest_port, args.parallel, *flags),
             f"http://127.0.0.1:{rest_port}/health",
@@ -877,11 +833,11 @@ async def run_compare(args: argparse.Namespace) -> dict:
         chatrpc("no-spec", "--speculative-tokens", "0"),
         # The chat only: turn by turn, what the prefix cache saves.
         chatrpc("no-cache", "--no-prefix-cache"),
-        Server("llama-cpp-python", peer_command(peer_port, model_path, threads),
+        start("llama-cpp-python", peer_command(peer_port, model_path, threads),
                f"http://127.0.0.1:{peer_port}/v1/models", log_dir),
-        Server("llama-cpp-python-lookup", lookup_peer_command(lookup_peer_port, model_path, threads),
+        start("llama-cpp-python-lookup", lookup_peer_command(lookup_peer_port, model_path, threads),
                f"http://127.0.0.1:{lookup_peer_port}/v1/models", log_dir),
-        Server("llama-cpp-python-issue-flags", issue_peer_command(issue_peer_port, model_path),
+        start("llama-cpp-python-issue-flags", issue_peer_command(issue_peer_port, model_path),
                f"http://127.0.0.1:{issue_peer_port}/v1/models", log_dir),
     ]  # fmt: skip
     clients: dict = {}
@@ -899,7 +855,7 @@ async def run_compare(args: argparse.Namespace) -> dict:
             ISSUE_PEER: OpenAIClient(f"http://127.0.0.1:{issue_peer_port}/v1"),
             NO_CACHE: GrpcClient(f"127.0.0.1:{ports['no-cache'][0]}"),
         }
-        load = ForeignLoad([os.getpid()] + [server.process.pid for server in servers], knows_servers=True)
+        load = ForeignLoad([os.getpid()] + [server.pid for server in servers], knows_servers=True)
         # Speculation serves a lone sequence only, and the peer with its own defaults interrupts a
         # running request for a new one: their side targets run one stream.
         one_stream = {name: [1] for name in (NO_SPEC_REST, NO_SPEC_GRPC, LOOKUP_PEER, ISSUE_PEER)}
@@ -931,13 +887,13 @@ async def run_rest_overhead(args: argparse.Namespace) -> dict:
     """Only the REST overhead, against a chatrpc started for it (a minute instead of --compare's 12)."""
     log_dir = Path(tempfile.mkdtemp(prefix="chatrpc-serving-"))
     grpc_port, rest_port = free_port(), free_port()
-    server = Server(
+    server = start(
         "chatrpc", chatrpc_command(grpc_port, rest_port, args.parallel), f"http://127.0.0.1:{rest_port}/health", log_dir
     )
     rest, grpc_client = OpenAIClient(f"http://127.0.0.1:{rest_port}/v1"), GrpcClient(f"127.0.0.1:{grpc_port}")
     try:
         server.wait_ready()
-        load = ForeignLoad([os.getpid(), server.process.pid], knows_servers=True)
+        load = ForeignLoad([os.getpid(), server.pid], knows_servers=True)
         overhead = await rest_overhead(
             f"http://127.0.0.1:{rest_port}/v1", grpc_client, rest, args.overhead_pairs, load, args
         )

@@ -7,16 +7,13 @@ It is started once per test session and stopped at the end.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
+
+from chatrpc.local_server import LocalServer, free_port, serve_command
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0123456789"
@@ -27,62 +24,38 @@ MODEL_ID = "gemma-3-270m"
 PLAIN_MODEL_ID = "gemma-3-270m-plain"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RunningServer:
     grpc_target: str
     rest_base_url: str  # ends with /v1
     api_key: str
-    process: subprocess.Popen
-    log_path: Path
+    process: LocalServer
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log()
 
 
 def start_server(tmp_dir: Path, *, extra_args: tuple[str, ...] = (), env_keys: str | None = API_KEY) -> RunningServer:
+    """`chatrpc serve` with the test settings (and `extra_args`), once healthy."""
     grpc_port, rest_port = free_port(), free_port()
     env = dict(os.environ)
     env.pop("CHATRPC_API_KEYS", None)
     if env_keys is not None:
         env["CHATRPC_API_KEYS"] = env_keys
-    log_path = tmp_dir / f"server-{grpc_port}.log"
-    log_file = log_path.open("w")
-    command = [
-        sys.executable, "-m", "chatrpc", "serve",
-        "--grpc-port", str(grpc_port), "--port", str(rest_port),
-        "--parallel", str(PARALLEL), "--ctx-size", str(CTX_SIZE), "--log-level", "warning",
+    command = serve_command(
+        grpc_port, rest_port,
+        "--parallel", str(PARALLEL), "--ctx-size", str(CTX_SIZE),
         "--model", f"{PLAIN_MODEL_ID}=@embedded,tools=off,json=off",
         *extra_args,
-    ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    server = RunningServer(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}/v1", API_KEY, process, log_path)
-    deadline = time.monotonic() + 300  # the first start assembles the embedded model
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{rest_port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise RuntimeError(f"server did not become healthy:\n{server.log()}")
+    )  # fmt: skip
+    health = f"http://127.0.0.1:{rest_port}/health"
+    process = LocalServer("chatrpc", command, health, tmp_dir / f"server-{grpc_port}.log", env=env, cwd=REPO)
+    process.wait_ready()
+    return RunningServer(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{rest_port}/v1", API_KEY, process)
 
 
 def stop_server(server: RunningServer) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    server.process.stop()
 
 
 @pytest.fixture(scope="session")

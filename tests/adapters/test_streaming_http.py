@@ -5,7 +5,6 @@ leave mid-stream, and concurrent streams under continuous batching.
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -182,20 +181,15 @@ def test_disconnected_streams_free_their_sequences(server, headers, http):
     assert elapsed < 30
 
     # And all four slots are free again: four requests at once all complete promptly.
-    results: list[httpx.Response | BaseException] = []
-
-    def run(prompt: str) -> None:
-        try:
-            results.append(http.post("/chat/completions", json=body(prompt, temperature=0, max_tokens=8), timeout=30))
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            results.append(error)
-
-    threads = [threading.Thread(target=run, args=(prompt,)) for prompt in PROMPTS]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert all(isinstance(result, httpx.Response) and result.status_code == 200 for result in results), results
+    responses = at_once(
+        [
+            lambda prompt=prompt: http.post(
+                "/chat/completions", json=body(prompt, temperature=0, max_tokens=8), timeout=30
+            )
+            for prompt in PROMPTS
+        ]
+    )
+    assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
 
 
 def test_disconnected_non_streaming_request_frees_its_sequence(server, headers, http):
