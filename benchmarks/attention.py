@@ -1,6 +1,6 @@
 """Flash attention on and off in llama.cpp: the time of prompt chunks and decode steps, same process.
 
-What `--flash-attn` / `--no-flash-attn` trade (docs/benchmarks.md, "Turn 6 back to back"). Both
+What `--flash-attn` / `--no-flash-attn` trade (docs/benchmarks.md, "Flash attention"). Both
 contexts are loaded as chatrpc loads them (service/engine/model.py), each with its own KV cache,
 and measured in alternation, `--rounds` times, medians:
 
