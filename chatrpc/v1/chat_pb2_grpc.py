@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class ChatCompletionsStub:
     """Chat completions on the models this server hosts.
+
+    Calls need `authorization: Bearer <key>` metadata when the server has API keys.
+    An INVALID_ARGUMENT status names the request parameter at fault, in the REST
+    spelling (`temperature`, `messages[2].content`), in the trailing metadata key
+    `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
     """
 
     def __init__(self, channel):
@@ -54,6 +59,11 @@ class ChatCompletionsStub:
 
 class ChatCompletionsServicer:
     """Chat completions on the models this server hosts.
+
+    Calls need `authorization: Bearer <key>` metadata when the server has API keys.
+    An INVALID_ARGUMENT status names the request parameter at fault, in the REST
+    spelling (`temperature`, `messages[2].content`), in the trailing metadata key
+    `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
     """
 
     def CreateChatCompletion(self, request, context):
@@ -105,6 +115,11 @@ def add_ChatCompletionsServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ChatCompletions:
     """Chat completions on the models this server hosts.
+
+    Calls need `authorization: Bearer <key>` metadata when the server has API keys.
+    An INVALID_ARGUMENT status names the request parameter at fault, in the REST
+    spelling (`temperature`, `messages[2].content`), in the trailing metadata key
+    `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
     """
 
     @staticmethod
