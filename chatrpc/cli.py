@@ -110,7 +110,10 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         help="lengths of the history's ending that prompt lookup searches for, longest first (default: 2,4)",
     )
     group.add_argument(
-        "--max-n", type=int, default=8, help="the largest 'n' (choices per request) accepted (default: %(default)s)"
+        "--max-n",
+        type=int,
+        default=8,
+        help="the largest 'n' (choices per request) accepted, and never more than --parallel (default: %(default)s)",
     )
     group.add_argument(
         "--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)"

@@ -33,8 +33,8 @@ _kernels_pinned: bool | None = None  # the `deterministic` every model of this p
 # ffn_down) with a tiled kernel once a batch has 8 rows or more, and with a dot-product kernel below
 # that. They round differently, so a sequence's logits would depend on how many others share its
 # decode step (benchmarks/determinism.py measures by how much). With this variable at 0 every batch
-# size takes the dot-product kernel. llama.cpp reads it once per process,
-# at its first matrix product, so the choice holds for the whole process.
+# size takes the dot-product kernel. llama.cpp reads it once per process, at its first matrix
+# product, so the choice holds for the whole process.
 _TILED_MATMUL_ENV = "GGML_CPU_TILED_MM"
 
 # ggml_log_level (ggml.h): 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR; 5 CONT continues the previous line.
