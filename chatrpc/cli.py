@@ -118,6 +118,16 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     group.add_argument(
         "--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)"
     )
+    group.add_argument(
+        "--max-inflight-per-key",
+        type=int,
+        default=0,
+        metavar="N",
+        help="requests one API key may have waiting or running at once, per model, before RESOURCE_EXHAUSTED. Keys "
+        "take turns at admission either way; set below --max-waiting, this also keeps one key's flood from filling "
+        "the whole queue, which would refuse every other key (with no keys, all callers are one key; default: 0, "
+        "no limit)",
+    )
     group.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores)")
     group.add_argument(
         "--grace",
@@ -125,6 +135,69 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         default=5.0,
         help="seconds in-flight calls get to finish on shutdown (default: %(default)s)",
     )
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser, *, service: bool) -> None:
+    """The request limits (service/limits.py): the body size for the adapter, all of them for the service."""
+    from service.limits import RequestLimits
+
+    defaults = RequestLimits()
+    group = parser.add_argument_group("request limits", "checked before the work each would cost; over one: 400/413")
+    group.add_argument(
+        "--max-request-bytes",
+        type=_positive,
+        default=defaults.max_request_bytes,
+        metavar="BYTES",
+        help="largest request: a REST body (413, refused before it is read) or a gRPC message "
+        "(RESOURCE_EXHAUSTED) (default: %(default)s)",
+    )
+    if not service:
+        return
+    flags = (
+        ("--max-messages", "max_messages", "messages in one request"),
+        ("--max-stop-strings", "max_stop_strings", "strings in 'stop'"),
+        ("--max-stop-length", "max_stop_length", "characters in one stop string"),
+        ("--max-tools", "max_tools", "functions in 'tools'"),
+        (
+            "--max-schema-bytes",
+            "max_schema_bytes",
+            "bytes of JSON schema (tools' parameters and response_format together)",
+        ),
+        ("--max-logit-bias", "max_logit_bias", "entries in 'logit_bias'"),
+    )
+    for flag, name, what in flags:
+        group.add_argument(
+            flag,
+            dest=name,
+            type=_positive,
+            default=getattr(defaults, name),
+            metavar="N",
+            help=f"most {what} (default: %(default)s)",
+        )
+
+
+def request_limits(args: argparse.Namespace):
+    from service.limits import RequestLimits
+
+    return RequestLimits(
+        max_request_bytes=args.max_request_bytes,
+        max_messages=args.max_messages,
+        max_stop_strings=args.max_stop_strings,
+        max_stop_length=args.max_stop_length,
+        max_tools=args.max_tools,
+        max_schema_bytes=args.max_schema_bytes,
+        max_logit_bias=args.max_logit_bias,
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _ngram_range(text: str) -> tuple[int, int]:
@@ -160,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(serve)
     _add_grpc_flags(serve, host_flag="--grpc-host", port_flag="--grpc-port")
     _add_rest_flags(serve, host_flag="--host", port_flag="--port")
+    _add_limit_flags(serve, service=True)
 
     grpc_only = commands.add_parser("grpc", help="run the gRPC service alone")
     _add_common(grpc_only)
     _add_grpc_flags(grpc_only, host_flag="--host", port_flag="--port")
+    _add_limit_flags(grpc_only, service=True)
 
     rest = commands.add_parser("rest", help="run the REST adapter alone, in front of a gRPC service")
     _add_common(rest)
@@ -174,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     rest.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address in front of a service that needs no key"
     )
+    _add_limit_flags(rest, service=False)
     return parser
 
 
@@ -200,6 +276,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
         batch_size=args.batch_size,
         prefill_chunk=args.prefill_chunk,
         max_waiting=args.max_waiting,
+        max_inflight_per_key=args.max_inflight_per_key,
         threads=args.threads,
         max_n=args.max_n,
         prefix_cache=args.prefix_cache,
@@ -211,7 +288,12 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
     )
     registry = ModelRegistry(specs, settings)
     config = GrpcServerConfig(
-        host=args.grpc_host, port=args.grpc_port, api_keys=tuple(keys), insecure=args.insecure, grace_seconds=args.grace
+        host=args.grpc_host,
+        port=args.grpc_port,
+        api_keys=tuple(keys),
+        insecure=args.insecure,
+        grace_seconds=args.grace,
+        limits=request_limits(args),
     )
 
     async def main() -> None:
@@ -248,7 +330,13 @@ def _run_rest(args: argparse.Namespace) -> None:
             f"chatrpc: refusing to listen on {args.rest_host}: the upstream {args.upstream} needs no API key "
             "(or cannot be reached); configure keys there or pass --insecure"
         )
-    run(args.rest_host, args.rest_port, args.upstream, args.log_level)
+    run(
+        args.rest_host,
+        args.rest_port,
+        args.upstream,
+        max_request_bytes=args.max_request_bytes,
+        log_level=args.log_level,
+    )
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -266,6 +354,7 @@ def _serve(args: argparse.Namespace) -> None:
             sys.executable, "-m", "chatrpc", "rest",
             "--host", args.rest_host, "--port", str(args.rest_port),
             "--upstream", f"{upstream_host}:{args.grpc_port}", "--log-level", args.log_level, "--insecure",
+            "--max-request-bytes", str(args.max_request_bytes),
         ]  # fmt: skip
         child.append(subprocess.Popen(command, env=os.environ.copy()))
         log.warning("REST adapter starting on http://%s:%d/v1", args.rest_host, args.rest_port)

@@ -1,6 +1,6 @@
 """chatrpc's gRPC service: the Chat Completions API on local models through llama.cpp.
 
-- ``server.py``: the grpc.aio server (health, reflection, shutdown); ``auth.py``: API keys.
+- ``server.py``: the grpc.aio server (health, reflection, shutdown); ``auth.py``: API keys, and whose request a call is.
 - ``servicer.py``: the RPCs, each a few lines: check, run on the engine, answer.
 - ``errors.py``: every error the service reports and its one mapping onto gRPC status codes.
 - ``request.py``: the checks of a request and the generation it becomes.

@@ -4,13 +4,17 @@ Keys come from `CHATRPC_API_KEYS` (comma-separated) and/or a key file (one key p
 send `authorization: Bearer <key>` metadata. Keys are compared in constant time and never logged.
 The standard health service stays open so that load balancers and probes need no key, and so does
 reflection, which describes only the public API, so that `grpcurl list` works before a key is set.
+
+The key a call came with also says whose request it is: `Tenants` names the tenant that fair
+admission (service/engine/admission.py) queues it under, by the key's position in the configured
+list, never by the key itself, so that no log, repr or error can carry a key.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -24,6 +28,9 @@ _OPEN_METHOD_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
+# With no keys configured every caller is this one tenant.
+SHARED_TENANT = "shared"
 
 
 def load_api_keys(env_value: str | None, key_file: str | None) -> list[str]:
@@ -47,20 +54,51 @@ class ApiKeyChecker:
         self._keys = [k.encode() for k in keys]
 
     def is_valid(self, authorization: str | None) -> bool:
+        return self.key_index(authorization) is not None
+
+    def key_index(self, authorization: str | None) -> int | None:
+        """The position of the presented key among the configured ones, or None if it is not one."""
         if authorization is None:
-            return False
+            return None
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return False
+            return None
         presented = token.strip().encode()
         # Compare with every key, without stopping at a match, so timing reveals nothing.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
+        matched = None
+        for index, key in enumerate(self._keys):
+            if hmac.compare_digest(presented, key) and matched is None:
+                matched = index
         return matched
 
 
 _REFUSED = Unauthenticated("Incorrect or missing API key: send 'authorization: Bearer <key>'.")
+
+
+def authorization_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The call's `authorization` metadata value, if it has one."""
+    for key, value in metadata or ():
+        if key == AUTHORIZATION_METADATA_KEY:
+            return value if isinstance(value, str) else None
+    return None
+
+
+class Tenants:
+    """Whose request a call is, for fair admission: `key-I` for the I-th configured key (from 0), or
+    SHARED_TENANT for everyone when no key is configured."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        self._checker = ApiKeyChecker(keys) if keys else None
+
+    def of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+        if self._checker is None:
+            return SHARED_TENANT
+        index = self._checker.key_index(authorization_of(metadata))
+        if index is None:
+            # The interceptor lets no such call through; should one come, it is nobody's to queue.
+            raise Unauthenticated(_REFUSED.message)
+        return f"key-{index}"
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -84,12 +122,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(_OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)
-        authorization = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == AUTHORIZATION_METADATA_KEY:
-                authorization = value
-                break
-        if self._checker.is_valid(authorization):
+        if self._checker.is_valid(authorization_of(handler_call_details.invocation_metadata)):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is not None and handler.response_streaming:

@@ -31,11 +31,11 @@ class ServiceError(Exception):
 
 
 class InvalidArgument(ServiceError):
-    """A request parameter is wrong or not supported; `param` names it."""
+    """A request parameter is wrong or not supported; `param` names it (None: the request as a whole)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str | None, message: str) -> None:
         super().__init__(message, param=param)
 
 
@@ -50,6 +50,10 @@ class QueueFull(ServiceError):
     """The scheduler's queue of waiting requests is full (or closed)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class InFlightLimit(QueueFull):
+    """One API key already has as many requests waiting or running as --max-inflight-per-key allows."""
 
 
 class Unauthenticated(ServiceError):

@@ -92,6 +92,7 @@ class EngineSettings:
     batch_size: int = 512
     prefill_chunk: int = 256
     max_waiting: int = 256
+    max_inflight_per_key: int = 0  # one API key's requests waiting or running at once (0: no limit; admission.py)
     threads: int | None = None
     max_n: int = 8  # --max-n; `choice_limit` also bounds n by max_sequences
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
@@ -129,6 +130,7 @@ class ModelRegistry:
                 model,
                 constraints,
                 max_waiting=settings.max_waiting,
+                max_inflight_per_key=settings.max_inflight_per_key,
                 prefill_chunk=settings.prefill_chunk,
                 prefix_cache=settings.prefix_cache,
                 idle_prefill=settings.idle_prefill,

@@ -18,13 +18,13 @@ from chatrpc.v1 import chat_pb2
 from chatrpc.v1.wire import ROLE_NAMES, requested_choices
 from service.engine.json_constraints import JSON_OBJECT_SCHEMA
 from service.errors import InvalidArgument
+from service.limits import RequestLimits
 from service.tool_calls import ToolSpec, check_tool, forced_call_schema
 
 if TYPE_CHECKING:
     from service.engine.json_constraints import ConstraintCompiler
     from service.engine.model import LoadedModel
 
-MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 
 
@@ -123,10 +123,14 @@ def struct_to_python(struct) -> dict[str, Any]:
     return restore(json_format.MessageToDict(struct))
 
 
-def check_messages(messages) -> list[dict[str, Any]]:
+def check_messages(messages, max_messages: int) -> list[dict[str, Any]]:
     """The messages as the chat template takes them (OpenAI's shape, content as text)."""
     if not messages:
         raise InvalidArgument("messages", "'messages' must hold at least one message.")
+    if len(messages) > max_messages:
+        raise InvalidArgument(
+            "messages", f"'messages' holds {len(messages)} messages; this server takes at most {max_messages}."
+        )
     rendered = []
     for i, message in enumerate(messages):
         role = ROLE_NAMES.get(message.role)
@@ -184,7 +188,7 @@ def check_response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, 
             raise InvalidArgument(
                 "response_format.json_schema.name", "'response_format' of type 'json_schema' needs json_schema.name."
             )
-        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", spec.name):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec.name):  # `$` would let a trailing newline by
             raise InvalidArgument(
                 "response_format.json_schema.name",
                 f"Invalid schema name {spec.name!r}: use 1 to 64 letters, digits, underscores or dashes.",
@@ -193,8 +197,29 @@ def check_response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, 
     raise InvalidArgument("response_format", "'response_format' needs a type: text, json_object or json_schema.")
 
 
-def check_tools(request: chat_pb2.ChatCompletionRequest) -> tuple[list[ToolSpec], str, str | None, bool]:
+def check_schema_sizes(request: chat_pb2.ChatCompletionRequest, max_schema_bytes: int) -> None:
+    """The JSON schemas of tools and response_format together fit the limit (before they are read)."""
+    schemas = [(f"tools[{i}].function.parameters", tool.function.parameters) for i, tool in enumerate(request.tools)]
+    schemas.append(("response_format.json_schema.schema", request.response_format.json_schema.schema))
+    total = 0
+    for param, schema in schemas:
+        total += schema.ByteSize()
+        if total > max_schema_bytes:
+            raise InvalidArgument(
+                param,
+                f"The JSON schemas in 'tools' and 'response_format' take more than {max_schema_bytes} bytes "
+                "together, the most this server compiles for one request.",
+            )
+
+
+def check_tools(
+    request: chat_pb2.ChatCompletionRequest, max_tools: int
+) -> tuple[list[ToolSpec], str, str | None, bool]:
     """(tools, tool_choice mode, named function, parallel_tool_calls)."""
+    if len(request.tools) > max_tools:
+        raise InvalidArgument(
+            "tools", f"'tools' holds {len(request.tools)} tools; this server takes at most {max_tools}."
+        )
     tools = []
     for i, tool in enumerate(request.tools):
         if tool.type != "function":
@@ -238,9 +263,13 @@ def check_tools(request: chat_pb2.ChatCompletionRequest) -> tuple[list[ToolSpec]
     return tools, mode, name, parallel
 
 
-def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool, max_choices: int) -> CheckedRequest:
-    """All checks that need no model, in the order the spec lists the fields."""
-    messages = check_messages(request.messages)
+def check_parameters(
+    request: chat_pb2.ChatCompletionRequest, *, streaming: bool, max_choices: int, limits: RequestLimits
+) -> CheckedRequest:
+    """All checks that need no model, in the order the spec lists the fields; sizes before the
+    work they would cost."""
+    messages = check_messages(request.messages, limits.max_messages)
+    check_schema_sizes(request, limits.max_schema_bytes)
 
     frequency_penalty = presence_penalty = 0.0
     if request.HasField("frequency_penalty"):
@@ -248,6 +277,11 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
     if request.HasField("presence_penalty"):
         presence_penalty = _check_range("presence_penalty", request.presence_penalty, -2.0, 2.0)
 
+    if len(request.logit_bias) > limits.max_logit_bias:
+        raise InvalidArgument(
+            "logit_bias",
+            f"'logit_bias' holds {len(request.logit_bias)} entries; this server takes at most {limits.max_logit_bias}.",
+        )
     logit_bias = {}
     for token, bias in request.logit_bias.items():
         _check_range(f"logit_bias.{token}", bias, -100.0, 100.0)
@@ -281,11 +315,15 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
 
     seed = request.seed if request.HasField("seed") else None
 
+    if len(request.stop) > limits.max_stop_strings:
+        raise InvalidArgument(
+            "stop", f"'stop' takes at most {limits.max_stop_strings} strings, got {len(request.stop)}."
+        )
     stop = list(request.stop)
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument("stop", f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}.")
     if any(not s for s in stop):
         raise InvalidArgument("stop", "Stop strings must not be empty.")
+    if any(len(s) > limits.max_stop_length for s in stop):
+        raise InvalidArgument("stop", f"Stop strings must be at most {limits.max_stop_length} characters long.")
 
     if request.HasField("stream") and request.stream and not streaming:
         raise InvalidArgument("stream", "'stream' is true on a unary call: use StreamChatCompletion to stream.")
@@ -299,7 +337,7 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
     if request.HasField("temperature"):
         temperature = _check_range("temperature", request.temperature, 0.0, 2.0)
 
-    tools, tool_choice, tool_name, parallel_tool_calls = check_tools(request)
+    tools, tool_choice, tool_name, parallel_tool_calls = check_tools(request, limits.max_tools)
     if json_schema is not None and tool_choice == "auto":
         raise InvalidArgument("response_format", "A JSON 'response_format' cannot be combined with tool_choice 'auto'.")
 
@@ -333,6 +371,17 @@ def check_parameters(request: chat_pb2.ChatCompletionRequest, *, streaming: bool
     )
 
 
+def least_prompt_tokens(messages: list[dict[str, Any]], longest_token_bytes: int) -> int:
+    """A lower bound of the prompt's length in tokens, without rendering or tokenizing it.
+
+    The messages' text is all in the prompt (a chat template adds to it, and does not drop a
+    message's content), and it has at least as many bytes as characters; no token covers more
+    than `longest_token_bytes` of them. So a prompt far beyond the context is refused for the cost
+    of summing string lengths, and one of millions of tokens is never tokenized."""
+    characters = sum(len(message["content"] or "") for message in messages)
+    return -(-characters // longest_token_bytes)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a served model supports beyond plain text."""
@@ -357,6 +406,13 @@ def build_generation(
             raise InvalidArgument(
                 "logit_bias", f"Token id {token} in 'logit_bias' is not in the vocabulary [0, {model.vocab_size})."
             )
+    context = model.context_per_sequence
+    least = least_prompt_tokens(checked.messages, model.longest_token_bytes)
+    if least >= context:
+        raise InvalidArgument(
+            "messages",
+            f"This model's maximum context length is {context} tokens, but the messages take at least {least} tokens.",
+        )
     grammar = None
     if checked.forces_tool_call:
         schema = forced_call_schema(checked.tools, only=checked.tool_name, parallel=checked.parallel_tool_calls)
@@ -364,7 +420,6 @@ def build_generation(
     elif checked.json_schema is not None:
         grammar = constraints.from_json_schema(checked.json_schema, param="response_format")
     prompt_tokens = model.render_prompt(checked.messages, checked.tools if checked.tool_choice != "none" else [])
-    context = model.context_per_sequence
     if len(prompt_tokens) >= context:
         raise InvalidArgument(
             "messages",

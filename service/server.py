@@ -11,15 +11,17 @@ import asyncio
 import ipaddress
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from chatrpc.v1 import chat_pb2, chat_pb2_grpc
-from service.auth import AuthInterceptor
+from chatrpc.v1 import chat_pb2
+from service.auth import AuthInterceptor, Tenants
+from service.limits import RequestLimits
 from service.models import ModelRegistry
+from service.request_decoding import decode_chat_request
 from service.servicer import ChatCompletionsServicer
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,31 @@ class GrpcServerConfig:
     api_keys: tuple[str, ...] = ()
     insecure: bool = False
     grace_seconds: float = 5.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+
+def _add_chat_service(servicer: ChatCompletionsServicer, server: grpc.aio.Server) -> None:
+    """What chat_pb2_grpc.add_ChatCompletionsServicer_to_server does, but with the chat requests
+    decoded by request_decoding.py, so that undecodable bytes are INVALID_ARGUMENT, not INTERNAL."""
+    handlers = {
+        "CreateChatCompletion": grpc.unary_unary_rpc_method_handler(
+            servicer.CreateChatCompletion,
+            request_deserializer=decode_chat_request,
+            response_serializer=chat_pb2.ChatCompletion.SerializeToString,
+        ),
+        "StreamChatCompletion": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamChatCompletion,
+            request_deserializer=decode_chat_request,
+            response_serializer=chat_pb2.ChatCompletionChunk.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=chat_pb2.ListModelsRequest.FromString,
+            response_serializer=chat_pb2.ModelList.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 async def serve(registry: ModelRegistry, config: GrpcServerConfig, *, ready: asyncio.Event | None = None) -> None:
@@ -64,11 +91,13 @@ async def serve(registry: ModelRegistry, config: GrpcServerConfig, *, ready: asy
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            # Refused before it is decoded: the one size check that needs no field of the request.
+            ("grpc.max_receive_message_length", config.limits.max_request_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
-    chat_pb2_grpc.add_ChatCompletionsServicer_to_server(ChatCompletionsServicer(registry), server)
+    servicer = ChatCompletionsServicer(registry, config.limits, tenants=Tenants(config.api_keys))
+    _add_chat_service(servicer, server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -4,34 +4,54 @@ Errors are `ServiceError`s raised anywhere below, the engine's included (a faile
 carries one); they become the RPC's status in one place, service/errors.py.
 When the client cancels or its deadline passes, grpc.aio cancels the handler and the `finally`
 cancels the sequence, which the scheduler frees at its next step.
+
+Checking a request, rendering its prompt, tokenizing it and compiling its grammar run in a worker
+thread, never on the event loop, where a large request would hold up every other call
+(benchmarks/isolation.py measures it).
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 from service import responses
+from service.auth import Tenants
 from service.choice_output import ChoiceOutput
 from service.errors import reported_as_status
-from service.models import ModelRegistry
-from service.request import build_generation, check_parameters
+from service.limits import RequestLimits
+from service.models import ModelRegistry, ServedModel
+from service.request import CheckedRequest, Generation, build_generation, check_parameters
+from service.request_decoding import UndecodableRequest
 
 
 class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, limits: RequestLimits, *, tenants: Tenants) -> None:
         self._registry = registry
+        self._limits = limits
+        self._tenants = tenants
 
-    def _start(self, request: chat_pb2.ChatCompletionRequest, *, streaming: bool):
-        checked = check_parameters(request, streaming=streaming, max_choices=self._registry.max_choices)
+    def _prepare(
+        self, request: chat_pb2.ChatCompletionRequest | UndecodableRequest, streaming: bool
+    ) -> tuple[CheckedRequest, ServedModel, Generation]:
+        if isinstance(request, UndecodableRequest):
+            raise request.error
+        checked = check_parameters(
+            request, streaming=streaming, max_choices=self._registry.max_choices, limits=self._limits
+        )
         served = self._registry.get(request.model)
-        generation = build_generation(checked, served.model, served.capabilities, served.constraints)
-        stream = served.scheduler.submit(generation)
+        return checked, served, build_generation(checked, served.model, served.capabilities, served.constraints)
+
+    async def _start(self, request, context, *, streaming: bool):
+        checked, served, generation = await asyncio.to_thread(self._prepare, request, streaming)
+        stream = served.scheduler.submit(generation, self._tenants.of(context.invocation_metadata()))
         header = responses.CompletionHeader.new(request.model, served.model.system_fingerprint)
         outputs = [ChoiceOutput(index, checked) for index in range(checked.n)]
         return checked, generation, stream, header, outputs
 
     @reported_as_status
     async def CreateChatCompletion(self, request, context):  # noqa: N802 - gRPC method name
-        checked, generation, stream, header, outputs = self._start(request, streaming=False)
+        checked, generation, stream, header, outputs = await self._start(request, context, streaming=False)
         try:
             async for update in stream.updates():
                 if update.error is not None:
@@ -45,7 +65,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
 
     @reported_as_status
     async def StreamChatCompletion(self, request, context):  # noqa: N802
-        checked, generation, stream, header, outputs = self._start(request, streaming=True)
+        checked, generation, stream, header, outputs = await self._start(request, context, streaming=True)
         want_logprobs = checked.sampling.logprobs
         # A choice's role rides on its first chunk, which goes out with its first text, once the
         # prompt is prefilled: a failure before any token is then a plain error status (an HTTP

@@ -22,7 +22,7 @@ from typing import Any
 
 from service.errors import InvalidArgument
 
-FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: `$` would let a trailing newline by
 # The most calls one reply may make with parallel_tool_calls: a model that repeats itself must still
 # close the reply.
 MAX_PARALLEL_CALLS = 8
@@ -57,7 +57,7 @@ def new_call_id() -> str:
 
 
 def check_tool(index: int, name: str, description: str | None, parameters: dict[str, Any] | None) -> ToolSpec:
-    if not FUNCTION_NAME.match(name):
+    if not FUNCTION_NAME.fullmatch(name):
         raise InvalidArgument(
             f"tools[{index}].function.name",
             f"Invalid function name {name!r}: use 1 to 64 letters, digits, underscores or dashes.",

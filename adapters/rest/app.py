@@ -8,6 +8,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
+from adapters.rest.body import BodyReader
 from adapters.rest.routes import EXCEPTION_HANDLERS, ROUTES
 from adapters.rest.upstream import Upstream
 
@@ -21,23 +22,29 @@ DEFAULT_GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-def create_app(upstream: str, *, grpc_options: Sequence[tuple[str, Any]] = DEFAULT_GRPC_OPTIONS) -> Starlette:
+def create_app(
+    upstream: str, *, max_request_bytes: int, grpc_options: Sequence[tuple[str, Any]] = DEFAULT_GRPC_OPTIONS
+) -> Starlette:
     """The OpenAI-compatible REST API in front of the chatrpc gRPC service at ``upstream``
-    (``HOST:PORT``). One ``grpc.aio`` channel, opened at startup and closed at shutdown, carries
-    every request."""
+    (``HOST:PORT``), refusing request bodies over ``max_request_bytes`` (body.py). One ``grpc.aio``
+    channel, opened at startup and closed at shutdown, carries every request."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.upstream = Upstream(upstream, grpc_options)
         try:
+            await app.state.body_reader.start()
             yield
         finally:
+            app.state.body_reader.close()
             await app.state.upstream.close()
 
-    return Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.state.body_reader = BodyReader(max_request_bytes)  # its worker processes start with the app
+    return app
 
 
-def run(host: str, port: int, upstream: str, log_level: str = "info") -> None:
+def run(host: str, port: int, upstream: str, *, max_request_bytes: int, log_level: str = "info") -> None:
     """Serves the adapter on ``host:port`` with uvicorn until interrupted."""
     import uvicorn
 
@@ -45,5 +52,11 @@ def run(host: str, port: int, upstream: str, log_level: str = "info") -> None:
     # pure-Python parser without a word when uvloop or httptools is missing: those are slower per
     # request, and the adapter's whole cost over gRPC is what benchmarks/serving.py holds to its goal.
     uvicorn.run(
-        create_app(upstream), host=host, port=port, log_level=log_level, lifespan="on", loop="uvloop", http="httptools"
+        create_app(upstream, max_request_bytes=max_request_bytes),
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        loop="uvloop",
+        http="httptools",
     )

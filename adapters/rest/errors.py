@@ -47,7 +47,16 @@ _SERVER_ERROR = (500, SERVER_ERROR, None)
 # request's fault, not a rate limit.
 _TOO_LARGE_PREFIXES = ("Received message larger than max", "Sent message larger than max")
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# A 429 (the service's queue is full) or a 503 (the service is away or shutting down) says when to
+# try again. Neither side knows how long it will last; one second is the shortest whole value the
+# header can carry and as long as the adapter waits between attempts to reconnect (upstream.py), and
+# the OpenAI SDKs wait that long instead of their own back-off.
+RETRY_AFTER_SECONDS = 1
+_RETRY_LATER_STATUSES = (429, 503)
+
+# ASCII, with \u escapes: a message may quote the client's own text, lone surrogates included,
+# which UTF-8 cannot carry but a JSON escape can.
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
 
 class APIError(Exception):
@@ -61,6 +70,7 @@ class APIError(Exception):
         type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -68,6 +78,11 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds, sent as the Retry-After header
+
+    def __reduce__(self):
+        # Raised in body.py's worker processes and sent back pickled: rebuilt with every attribute.
+        return (APIError, (self.status, self.message), dict(vars(self)))
 
     def to_dict(self) -> dict:
         """The envelope ``{"error": {...}}``."""
@@ -84,6 +99,8 @@ class APIError(Exception):
         return _encode(self.to_dict()).encode()
 
     def to_response(self, headers: dict[str, str] | None = None) -> Response:
+        if self.retry_after is not None:
+            headers = {**(headers or {}), "retry-after": str(self.retry_after)}
         return Response(self.to_json(), self.status, headers, "application/json")
 
     def __repr__(self) -> str:
@@ -107,7 +124,8 @@ def from_rpc_error(error: grpc.RpcError) -> APIError:
     for key, value in error.trailing_metadata() or ():
         if key == ERROR_PARAM_METADATA_KEY:
             param = value
-    return APIError(http_status, message, type=error_type, param=param, code=code)
+    retry_after = RETRY_AFTER_SECONDS if http_status in _RETRY_LATER_STATUSES else None
+    return APIError(http_status, message, type=error_type, param=param, code=code, retry_after=retry_after)
 
 
 def not_found_route(method: str, path: str) -> APIError:

@@ -6,25 +6,23 @@ bottom, which ``app.py`` installs; so are unknown routes (404) and wrong methods
 
 from __future__ import annotations
 
+from importlib import resources
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from adapters.rest.errors import APIError, internal_error, method_not_allowed, not_found_route
+from adapters.rest.body import BodyReader
+from adapters.rest.errors import RETRY_AFTER_SECONDS, APIError, internal_error, method_not_allowed, not_found_route
 from adapters.rest.sse import stream_chat_completion
-from adapters.rest.translate import (
-    chat_completion_to_json,
-    chat_request_from_json,
-    encode,
-    model_list_to_json,
-    model_to_json,
-    parse_body,
-)
+from adapters.rest.translate import chat_completion_to_json, encode, model_list_to_json, model_to_json
 from adapters.rest.upstream import REQUEST_ID_HEADER, ClientDisconnected, Upstream, request_id, unary_call
 from chatrpc.v1 import chat_pb2
 
 _LIST_MODELS = chat_pb2.ListModelsRequest()
+# What openapi.py builds from the proto and the adapter's tables (`make openapi`), served as committed.
+_OPENAPI_DOCUMENT = resources.files(__package__).joinpath("openapi.json").read_bytes()
 
 
 def _upstream(request: Request) -> Upstream:
@@ -36,11 +34,12 @@ def _json(request: Request, payload: dict, status: int = 200) -> Response:
 
 
 async def create_chat_completion(request: Request) -> Response:
-    message = chat_request_from_json(parse_body(await request.body()))
-    chat = _upstream(request).chat
-    if message.stream:
-        return await stream_chat_completion(request, chat.StreamChatCompletion, message)
-    completion = await unary_call(request, chat.CreateChatCompletion, message)
+    body_reader: BodyReader = request.app.state.body_reader
+    chat = await body_reader.chat_request(request)
+    upstream = _upstream(request)
+    if chat.stream:
+        return await stream_chat_completion(request, upstream.stream_chat_completion, chat)
+    completion = await unary_call(request, upstream.create_chat_completion, chat.wire)
     return _json(request, chat_completion_to_json(completion))
 
 
@@ -67,7 +66,12 @@ async def health(request: Request) -> Response:
         f"The chat service at {upstream.target} is not serving.",
         type="server_error",
         code="service_unavailable",
+        retry_after=RETRY_AFTER_SECONDS,
     )
+
+
+async def openapi_document(request: Request) -> Response:
+    return Response(_OPENAPI_DOCUMENT, 200, {REQUEST_ID_HEADER: request_id(request)}, "application/json")
 
 
 ROUTES = [
@@ -76,6 +80,7 @@ ROUTES = [
     # Model ids may contain slashes ("google/gemma-3-270m").
     Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/openapi.json", openapi_document, methods=["GET"]),
 ]
 
 

@@ -16,6 +16,7 @@ import grpc
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from adapters.rest.body import ChatRequest
 from adapters.rest.errors import from_rpc_error, internal_error
 from adapters.rest.translate import chunk_to_json, encode
 from adapters.rest.upstream import (
@@ -26,7 +27,6 @@ from adapters.rest.upstream import (
     request_id,
 )
 from chatrpc.v1 import chat_pb2
-from chatrpc.v1.wire import requested_choices
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ def _event(payload: bytes) -> bytes:
 async def stream_chat_completion(
     request: Request,
     method: grpc.aio.UnaryStreamMultiCallable,
-    message: chat_pb2.ChatCompletionRequest,
+    chat: ChatRequest,
 ) -> EventStreamResponse:
     """Starts the streaming call and waits for its first chunk; raises ``APIError`` if the service
     fails before that and ``ClientDisconnected`` if the client leaves first."""
-    call = method(message, metadata=call_metadata(request))
+    call = method(chat.wire, metadata=call_metadata(request))
     watch = DisconnectWatch(request, call)
     try:
         first = await call.read()
@@ -67,8 +67,7 @@ async def stream_chat_completion(
         watch.stop()
         call.cancel()
         raise
-    include_usage = message.stream_options.include_usage
-    return EventStreamResponse(call, watch, first, include_usage, requested_choices(message), request_id(request))
+    return EventStreamResponse(call, watch, first, chat.include_usage, chat.choices, request_id(request))
 
 
 class EventStreamResponse:

@@ -127,7 +127,23 @@ def _missing(param: str):
 def _string(value: object, param: str) -> str:
     if type(value) is not str:
         raise _type_error(param, "a string", value)
+    if not value.isascii():
+        _check_encodable(value, param)
     return value
+
+
+def _check_encodable(value: str, param: str) -> None:
+    # JSON can spell a lone UTF-16 surrogate ("\ud800"), which no UTF-8 text (and so no protobuf
+    # string) can carry.
+    try:
+        value.encode()
+    except UnicodeEncodeError as error:
+        raise invalid_request(
+            f"Invalid '{param}': the string holds {value[error.start]!r} at position {error.start}, "
+            "a lone surrogate that is not a Unicode character.",
+            param=param,
+            code="invalid_value",
+        ) from None
 
 
 def _boolean(value: object, param: str) -> bool:
@@ -191,6 +207,17 @@ def _struct(target: struct_pb2.Struct, value: object, param: str) -> None:
     """A JSON object (a JSON Schema) into a google.protobuf.Struct."""
     try:
         target.update(_object(value, param))
+        # A JSON number beyond a double's range (1e400) reads as infinity, which a Struct holds but
+        # the service cannot turn back into JSON.
+        json.dumps(value, allow_nan=False)
+    except UnicodeEncodeError:
+        raise invalid_request(
+            f"Invalid '{param}': a string in it holds a lone surrogate, which is not a Unicode character.",
+            param=param,
+            code="invalid_value",
+        ) from None
+    except RecursionError:
+        raise invalid_request(f"Invalid '{param}': nested too deeply.", param=param, code="invalid_value") from None
     except (ValueError, TypeError, OverflowError):
         raise invalid_request(f"Invalid '{param}': not representable as JSON numbers.", param=param) from None
 
@@ -250,7 +277,7 @@ def _message(message: pb.ChatMessage, value: object, param: str) -> None:
 
     content = item.get("content")
     if type(content) is str:
-        message.text = content
+        message.text = _string(content, f"{param}.content")
     elif type(content) is list:
         parts = message.parts
         parts.SetInParent()  # an empty list is still "content given as parts"
@@ -294,7 +321,7 @@ def _logit_bias(request: pb.ChatCompletionRequest, value: object) -> None:
 
 def _stop(request: pb.ChatCompletionRequest, value: object) -> None:
     if type(value) is str:
-        request.stop.append(value)
+        request.stop.append(_string(value, "stop"))
     elif type(value) is list:
         request.stop.extend(_string(item, f"stop[{index}]") for index, item in enumerate(value))
     else:

@@ -6,6 +6,10 @@ nothing else: the request id belongs to the HTTP answer (the service reads none,
 entry is work for both gRPC stacks on every request). The call is cancelled as soon as the HTTP
 client disconnects: a watcher task waits for the ASGI ``http.disconnect`` message, which the server
 sends only once the client is gone (the body has already been read), and cancels the call.
+
+When the service goes away (a crash, a restart) every call fails at once with UNAVAILABLE, a 503 for
+the client, and the channel keeps trying to reconnect by itself; the attempts are at most a second
+apart, so that the adapter serves again about as soon as the service does.
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.requests import Request
 
 from adapters.rest.errors import APIError, from_rpc_error
-from chatrpc.v1 import chat_pb2_grpc
+from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_SCOPE_KEY = "chatrpc.request_id"
 _HEALTH_CHECK = health_pb2.HealthCheckRequest(service="")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_CHAT_METHOD = "/" + chat_pb2.DESCRIPTOR.services_by_name["ChatCompletions"].full_name + "/{}"
+# gRPC's default back-off between attempts to reconnect grows to two minutes: after a restart of the
+# service the adapter would go on answering 503 for as long. The service is one known address, and an
+# attempt on it costs one connect.
+_RECONNECT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 class ClientDisconnected(Exception):
@@ -38,8 +51,21 @@ class Upstream:
 
     def __init__(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=list(options))
+        merged = {**dict(_RECONNECT_OPTIONS), **dict(options)}  # the caller's options win
+        self.channel = grpc.aio.insecure_channel(target, options=list(merged.items()))
         self.chat = chat_pb2_grpc.ChatCompletionsStub(self.channel)
+        # The chat calls send the request's bytes as body.py made them (a large one in a worker
+        # process), rather than serializing a proto on the event loop.
+        self.create_chat_completion = self.channel.unary_unary(
+            _CHAT_METHOD.format("CreateChatCompletion"),
+            response_deserializer=chat_pb2.ChatCompletion.FromString,
+            _registered_method=True,
+        )
+        self.stream_chat_completion = self.channel.unary_stream(
+            _CHAT_METHOD.format("StreamChatCompletion"),
+            response_deserializer=chat_pb2.ChatCompletionChunk.FromString,
+            _registered_method=True,
+        )
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def close(self) -> None:

@@ -3,7 +3,8 @@
 One file per part (docs/engine.md explains how they work together):
 
 - ``model.py``: a GGUF loaded through llama.cpp's C API (weights, vocabulary, context, template).
-- ``scheduler.py``: admission and the step loop, on one thread per model.
+- ``scheduler.py``: the step loop, on one thread per model.
+- ``admission.py``: the waiting requests, a queue per API key, admitted the keys in turn.
 - ``sequence.py``: one choice being generated (detokenizer, stop strings, finish).
 - ``choices.py``: the n choices of a request (seeds, one prefill shared by all).
 - ``slots.py``: the sequence slots of the context, handed out and taken back.

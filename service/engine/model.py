@@ -175,6 +175,11 @@ class LoadedModel:
             eos_token=self.eos_text,
         )
         self.system_fingerprint = self._fingerprint()
+        # A token's text as stored (SentencePiece's "▁" for a space, "<0x41>" for a byte) is never
+        # shorter than the text it stands for, so no token covers more than this many bytes of a
+        # prompt: a prompt of B bytes takes at least B / this many tokens (request.py's cheap bound).
+        get_text = llama_cpp.llama_vocab_get_text
+        self.longest_token_bytes = max(len(get_text(self.vocab, token) or b"") for token in range(self.vocab_size))
         self.token_bytes = lru_cache(maxsize=None)(self._token_bytes)
 
     def metadata(self, key: str) -> str | None:

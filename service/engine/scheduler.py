@@ -1,16 +1,18 @@
 """The continuous-batching scheduler: one thread owns the llama context and runs every step.
 
 Requests join between steps, as soon as enough sequence slots are free for all their choices
-(slots.py), and leave between steps, when finished, failed or cancelled. Each step decodes the next
-token of every decoding sequence in one batch (one `llama_decode`) and samples them all in one call
-(sampling.py); then it prefills prompt chunks of newcomers, each chunk in a decode call of its own,
-at most one chunk per step while others decode, so that a newcomer does not stall the sequences
-already decoding. Prompts are prefilled in chunks of `prefill_chunk` tokens at fixed boundaries,
-whatever the prefix cache supplied, so that reusing a prefix never changes the output
-(prefix_cache.py). The other parts of a step have files of their own: n choices sharing one
-prefill (choices.py), a lone sequence's guesses (speculative_step.py), the prefill of finished
-sequences' answers while idle (idle_prefill.py), and letting llama.cpp's threads go when there is
-nothing to decode (openmp.py).
+(slots.py), and leave between steps, when finished, failed or cancelled. Which waiting request
+joins next is admission.py's: a queue per API key and the keys in turn, so that one key's flood
+does not hold another key's request behind all of it; a request whose choices do not fit yet holds
+its turn until they do. Each step decodes the next token of every decoding sequence in one batch
+(one `llama_decode`) and samples them all in one call (sampling.py); then it prefills prompt
+chunks of newcomers, each chunk in a decode call of its own, at most one chunk per step while
+others decode, so that a newcomer does not stall the sequences already decoding. Prompts are
+prefilled in chunks of `prefill_chunk` tokens at fixed boundaries, whatever the prefix cache
+supplied, so that reusing a prefix never changes the output (prefix_cache.py). The other parts of
+a step have files of their own: n choices sharing one prefill (choices.py), a lone sequence's
+guesses (speculative_step.py), the prefill of finished sequences' answers while idle
+(idle_prefill.py), and letting llama.cpp's threads go when there is nothing to decode (openmp.py).
 
 Decode runs on this thread, never on the asyncio loop; results go back to the loop with
 `call_soon_threadsafe`, one update per sequence per step.
@@ -19,7 +21,6 @@ Decode runs on this thread, never on the asyncio loop; results go back to the lo
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -27,7 +28,9 @@ from operator import attrgetter
 
 import numpy as np
 
+from service.auth import SHARED_TENANT
 from service.engine import choices
+from service.engine.admission import FairQueue, Ticket
 from service.engine.batch import Decoder
 from service.engine.idle_prefill import IdlePrefill
 from service.engine.json_constraints import ConstraintCompiler
@@ -49,26 +52,31 @@ log = logging.getLogger(__name__)
 class RequestStream:
     """The asyncio side of one request: the updates of its n choices, and a way to cancel it."""
 
-    def __init__(self, scheduler: Scheduler, queue: asyncio.Queue, sequences: list[Sequence]) -> None:
+    def __init__(self, scheduler: Scheduler, queue: asyncio.Queue, ticket: Ticket[list[Sequence]]) -> None:
         self._scheduler = scheduler
         self._queue = queue
-        self.sequences = sequences
+        self._ticket = ticket
+        self.sequences = ticket.request
 
     async def updates(self) -> AsyncIterator[SequenceUpdate]:
         """Every choice's updates, interleaved, until all n have finished (or one failed)."""
         open_choices = len(self.sequences)
         while open_choices:
             update = await self._queue.get()
-            yield update
-            if update.error is not None:
-                return
             if update.finish_reason is not None:
                 open_choices -= 1
+            last = update.error is not None or not open_choices
+            if last:
+                # Before the client can see the end: its next request may come at once and must find
+                # this one no longer counted against its key (--max-inflight-per-key).
+                self._scheduler.end(self._ticket)
+            yield update
+            if last:
+                return
 
     def cancel(self) -> None:
         """Stop generating; the scheduler frees the sequences at its next step."""
-        if not all(s.finished for s in self.sequences):
-            self._scheduler.cancel(self.sequences)
+        self._scheduler.cancel(self._ticket)
 
 
 class Scheduler:
@@ -80,6 +88,7 @@ class Scheduler:
         constraints: ConstraintCompiler,
         *,
         max_waiting: int = 256,
+        max_inflight_per_key: int = 0,
         prefill_chunk: int = 256,
         prefix_cache: bool = True,
         idle_prefill: bool = True,
@@ -87,10 +96,12 @@ class Scheduler:
         speculative_ngram: tuple[int, int] = (2, 4),
     ) -> None:
         self._model = model
-        self._max_waiting = max_waiting
         self._prefill_chunk = min(prefill_chunk, model.batch_size)
         self._condition = threading.Condition()
-        self._waiting: collections.deque[list[Sequence]] = collections.deque()  # requests, as their sequences
+        # Requests, as their sequences, per key (max_inflight_per_key 0: no limit per key).
+        self._waiting: FairQueue[list[Sequence]] = FairQueue(
+            max_waiting=max_waiting, max_inflight_per_tenant=max_inflight_per_key
+        )
         self._active: list[Sequence] = []
         self._stopping = False
         self.timings = StepTimings()
@@ -115,7 +126,8 @@ class Scheduler:
 
     # ---- asyncio side -------------------------------------------------------------------------
 
-    def submit(self, generation: Generation) -> RequestStream:
+    def submit(self, generation: Generation, tenant: str = SHARED_TENANT) -> RequestStream:
+        """Queue the request under `tenant`, its API key's name (service/auth.py: Tenants)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[SequenceUpdate] = asyncio.Queue()
 
@@ -136,22 +148,26 @@ class Scheduler:
         with self._condition:
             if self._stopping:
                 raise QueueFull("The server is shutting down.")
-            if len(self._waiting) >= self._max_waiting:
-                raise QueueFull(f"The server is busy: {len(self._waiting)} requests are waiting. Retry later.")
-            self._waiting.append(sequences)
+            ticket = self._waiting.push(tenant, sequences, len(sequences))
             self.idle_prefill.interrupt()  # the request must not wait for an idle piece
             self._condition.notify()
-        return RequestStream(self, queue, sequences)
+        return RequestStream(self, queue, ticket)
 
-    def cancel(self, sequences: list[Sequence]) -> None:
+    def cancel(self, ticket: Ticket[list[Sequence]]) -> None:
         """A waiting request leaves the queue at once; an active one at the scheduler's next step."""
         with self._condition:
-            for sequence in sequences:
+            was_waiting = self._waiting.end(ticket)
+            if all(s.finished for s in ticket.request):
+                return
+            for sequence in ticket.request:
                 sequence.cancelled = True
-            try:
-                self._waiting.remove(sequences)
-            except ValueError:
+            if not was_waiting:
                 self._condition.notify()
+
+    def end(self, ticket: Ticket[list[Sequence]]) -> None:
+        """The request's last update has reached the asyncio side: it no longer counts against its key."""
+        with self._condition:
+            self._waiting.end(ticket)
 
     def close(self) -> None:
         with self._condition:
@@ -194,7 +210,14 @@ class Scheduler:
                     self.slots.clear()
                 if not self._active and not self._waiting:
                     self._went_idle()
-        for sequence in list(self._active) + [s for request in self._waiting for s in request]:
+        # What the engine still holds as it stops: after an idle period every count is zero.
+        # benchmarks/soak.py reads this line to check that no slot was lost along the way.
+        log.info(
+            "scheduler %s stopping: %d sequences active, %d requests waiting, %d of %d slots in use",
+            self._model.model_id, len(self._active), len(self._waiting),
+            self._model.max_sequences - self.slots.free_count, self._model.max_sequences,
+        )  # fmt: skip
+        for sequence in list(self._active) + [s for request in self._waiting.drain() for s in request]:
             self._fail(sequence, ShuttingDown())
 
     def _went_idle(self) -> None:
@@ -203,14 +226,8 @@ class Scheduler:
             self._workers.release()
 
     def _take_admissible(self) -> list[list[Sequence]]:
-        """Waiting requests, oldest first, while enough sequence slots are free for all their choices."""
-        admitted = []
-        free = self.slots.free_count
-        while self._waiting and free >= len(self._waiting[0]):
-            request = self._waiting.popleft()
-            free -= len(request)
-            admitted.append(request)
-        return admitted
+        """Waiting requests, the keys in turn, while enough sequence slots are free for all their choices."""
+        return self._waiting.take(self.slots.free_count)
 
     def _start(self, request: list[Sequence]) -> None:
         for sequence in request:

@@ -31,7 +31,7 @@ def closed_port() -> int:
 
 @asynccontextmanager
 async def client(*, with_lifespan: bool = False):
-    app = create_app(f"127.0.0.1:{closed_port()}")
+    app = create_app(f"127.0.0.1:{closed_port()}", max_request_bytes=1 << 20)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://adapter") as http:
         if with_lifespan:

@@ -8,6 +8,8 @@ after the whole table, a good request must still succeed: bad input never takes 
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -24,6 +26,15 @@ def body(**fields) -> dict:
 
 def message(**fields) -> dict:
     return body(messages=[fields])
+
+
+def raw(request: dict) -> bytes:
+    """JSON text with every non-ASCII character escaped: lone surrogates become "\\ud800", legal JSON."""
+    return json.dumps(request, ensure_ascii=True).encode()
+
+
+# A schema of about 300 KB: over the server's default --max-schema-bytes, within --max-request-bytes.
+BIG_SCHEMA = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(12000)}}
 
 
 PLAIN_MODEL = "gemma-3-270m-plain"  # served with tools and JSON modes off
@@ -115,6 +126,38 @@ ROWS = [
     ("max-tokens-over-context", body(max_tokens=100_000), 400, "max_tokens"),
     ("max-completion-tokens-0", body(max_completion_tokens=0), 400, "max_completion_tokens"),
     ("prompt-over-context", body(messages=[{"role": "user", "content": "hello " * 3000}]), 400, "messages"),
+    # Far over the context: refused by the bound on its length, before it is tokenized.
+    ("prompt-far-over-context", body(messages=[{"role": "user", "content": "hello " * 150_000}]), 400, "messages"),
+    # Sizes the server bounds (service/limits.py defaults)
+    ("messages-2049", body(messages=[{"role": "user", "content": "hi"}] * 2049), 400, "messages"),
+    ("stop-string-1025-chars", body(stop=["x" * 1025]), 400, "stop"),
+    ("tools-129", body(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]), 400, "tools"),
+    (
+        "schema-over-limit",
+        body(response_format={"type": "json_schema", "json_schema": {"name": "big", "schema": BIG_SCHEMA}}),
+        400,
+        "response_format.json_schema.schema",
+    ),
+    ("logit-bias-1025", body(logit_bias={str(i): 1 for i in range(1025)}), 400, "logit_bias"),
+    # Text that JSON can spell and UTF-8 cannot carry: a lone surrogate
+    ("surrogate-in-content", raw(message(role="user", content="a\ud800c")), 400, "messages[0].content"),
+    (
+        "surrogate-in-content-part",
+        raw(message(role="user", content=[{"type": "text", "text": "\udfff"}])),
+        400,
+        "messages[0].content[0].text",
+    ),
+    ("surrogate-in-stop", raw(body(stop=["ok", "\ud83d"])), 400, "stop[1]"),
+    ("surrogate-in-model", raw(body(model="gemma\ud800")), 400, "model"),
+    ("surrogate-in-role", raw(message(role="us\ud800er", content="hi")), 400, "messages[0].role"),
+    (
+        "surrogate-in-schema",
+        raw(body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"\ud800": 1}}}])),
+        400,
+        "tools[0].function.parameters",
+    ),
+    ("surrogate-in-unknown-field", raw(body(**{"x\ud800": 1})), 400, "x\ud800"),
+    ("nul-and-surrogate-in-user", raw(body(user="\u0000\ud800")), 400, "user"),
     # n
     ("n-0", body(n=0), 400, "n"),
     ("n-9", body(n=9), 400, "n"),

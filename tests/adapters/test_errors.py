@@ -90,3 +90,24 @@ def test_envelope_json():
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/json"
     assert response.headers["x-request-id"] == "r"
+
+
+@pytest.mark.parametrize(
+    ("code", "retry_after"),
+    [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "1"),  # the queue is full
+        (grpc.StatusCode.UNAVAILABLE, "1"),  # the service is away or shutting down
+        (grpc.StatusCode.INVALID_ARGUMENT, None),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, None),
+        (grpc.StatusCode.INTERNAL, None),
+    ],
+)
+def test_retry_after_only_when_retrying_can_help(code, retry_after):
+    response = from_rpc_error(rpc_error(code)).to_response({"x-request-id": "r"})
+    assert response.headers.get("retry-after") == retry_after
+    assert response.headers["x-request-id"] == "r"
+
+
+def test_oversized_message_has_no_retry_after():
+    error = from_rpc_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (9 vs. 8)"))
+    assert "retry-after" not in error.to_response().headers

@@ -1,6 +1,7 @@
 import pytest
 
-from service.auth import ApiKeyChecker, load_api_keys
+from service.auth import SHARED_TENANT, ApiKeyChecker, Tenants, load_api_keys
+from service.errors import Unauthenticated
 from service.server import InsecureBindError, check_bind_is_safe
 
 
@@ -24,6 +25,20 @@ def test_keys_from_env_and_file(tmp_path):
 )
 def test_bearer_check(header, ok):
     assert ApiKeyChecker(["k1", "k2"]).is_valid(header) is ok
+
+
+def test_tenant_is_the_keys_position_never_the_key():
+    tenants = Tenants(["secret-one", "secret-two"])
+    assert tenants.of((("authorization", "Bearer secret-two"),)) == "key-1"
+    assert tenants.of((("other", "x"), ("authorization", "bearer secret-one"))) == "key-0"
+    with pytest.raises(Unauthenticated) as refused:
+        tenants.of((("authorization", "Bearer secret-three"),))
+    assert "secret" not in str(refused.value) and "secret" not in repr(tenants)
+
+
+def test_without_keys_every_caller_is_one_tenant():
+    tenants = Tenants([])
+    assert tenants.of(()) == tenants.of((("authorization", "Bearer anything"),)) == SHARED_TENANT
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])

@@ -236,3 +236,69 @@ def test_deadline_stops_generation_and_server_keeps_serving(stub, auth_metadata)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     response = stub.CreateChatCompletion(request(temperature=0, max_tokens=5), metadata=auth_metadata, timeout=60)
     assert response.choices[0].message.content
+
+
+def _raw_call(grpc_channel, method: str):
+    """A chat method that sends bytes as given, so a test can send what no proto library would write."""
+    return grpc_channel.unary_unary(
+        f"/chatrpc.v1.ChatCompletions/{method}",
+        request_serializer=lambda data: data,
+        response_deserializer=chat_pb2.ChatCompletion.FromString,
+    )
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "param"),
+    [
+        (b"QUESTION", b"QUEST\xed\xa0\x80", "messages[0].content"),  # a UTF-8-encoded lone surrogate
+        (b"QUESTION", b"QUESTIO\xff", "messages[0].content"),
+        (b"STOP", b"ST\xc3P", "stop[1]"),  # a character cut short
+        (b"gemma-3-270m", b"gemma-3-270\x80", "model"),
+    ],
+)
+def test_text_that_is_not_utf8_is_invalid_argument_naming_the_field(
+    grpc_channel, stub, auth_metadata, good, bad, param
+):
+    message = request(messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text="QUESTION")], stop=["a", "STOP"])
+    data = message.SerializeToString()
+    assert data.count(good) == 1 and len(good) == len(bad)  # the lengths on the wire stay right
+    with pytest.raises(grpc.RpcError) as error:
+        _raw_call(grpc_channel, "CreateChatCompletion")(data.replace(good, bad), metadata=auth_metadata, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _param(error.value) == param
+    assert param in error.value.details()
+    assert stub.CreateChatCompletion(request(max_tokens=2), metadata=auth_metadata, timeout=60).choices
+
+
+def test_bytes_that_are_not_a_request_are_invalid_argument(grpc_channel, auth_metadata):
+    with pytest.raises(grpc.RpcError) as error:
+        _raw_call(grpc_channel, "CreateChatCompletion")(b"\x0a\xff\xff\xff", metadata=auth_metadata, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ChatCompletionRequest" in error.value.details()
+
+
+def test_message_over_max_request_bytes_is_refused_before_it_is_read(stub, auth_metadata):
+    from service.limits import RequestLimits
+
+    text = "a" * (RequestLimits().max_request_bytes + 1)  # the test server runs with the default
+    huge = request(messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text=text)])
+    with pytest.raises(grpc.RpcError) as error:
+        stub.CreateChatCompletion(huge, metadata=auth_metadata, timeout=30)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.CreateChatCompletion(request(max_tokens=2), metadata=auth_metadata, timeout=60).choices
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": [chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text="hi")] * 2049}, "messages"),
+        ({"stop": ["x" * 1025]}, "stop"),
+        ({"logit_bias": {token: 1.0 for token in range(1025)}}, "logit_bias"),
+        ({"tools": [chat_pb2.Tool(type="function", function=chat_pb2.FunctionDefinition(name="f"))] * 129}, "tools"),
+    ],
+)
+def test_sizes_over_their_limits_are_invalid_argument(stub, auth_metadata, fields, param):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.CreateChatCompletion(request(**fields), metadata=auth_metadata, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _param(error.value) == param

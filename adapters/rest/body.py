@@ -1,0 +1,118 @@
+"""A request body read under the size limit and made into the bytes of a ChatCompletionRequest.
+
+The limit is checked against ``Content-Length`` before a byte is read, and again while a chunked
+body arrives, so a body over it is never buffered: the answer is a 413 ``request_too_large`` and the
+connection closes (the server will not read the rest).
+
+A body within the limit is parsed, translated (translate.py) and serialized for the gRPC call. A
+small one is done on the event loop, where sending it elsewhere would cost more than the work. A
+large one goes to worker processes at the lowest CPU priority: parsing a megabyte of JSON holds the
+interpreter's lock for milliseconds in one C call, which a worker thread would not give back to the
+event loop, and the work only takes CPU that other requests leave idle. So clients that send the
+largest bodies slow each other down, not everyone else (benchmarks/isolation.py measures it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from adapters.rest.errors import APIError, invalid_request
+from adapters.rest.translate import chat_request_from_json, parse_body
+from chatrpc.v1.wire import requested_choices
+
+# Bodies up to this size are translated on the event loop: a typical request is far smaller, and the
+# round trip to a worker process is the larger cost for it.
+_INLINE_BYTES = 16 * 1024
+_LOWEST_PRIORITY = 19
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat request as the routes use it: its proto's bytes for the call, and what shapes the answer."""
+
+    wire: bytes
+    stream: bool
+    include_usage: bool
+    choices: int
+
+
+def translate_body(body: bytes) -> ChatRequest:
+    """The body of a ``POST /v1/chat/completions``; raises a 400 ``APIError`` when it is not one."""
+    message = chat_request_from_json(parse_body(body))
+    return ChatRequest(
+        message.SerializeToString(), message.stream, message.stream_options.include_usage, requested_choices(message)
+    )
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than this server accepts ({limit} bytes).",
+        code="request_too_large",
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body; 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise invalid_request("The Content-Length header is not a number.")
+        if int(declared) > limit:
+            raise too_large(limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _lower_priority() -> None:
+    os.setpriority(os.PRIO_PROCESS, 0, _LOWEST_PRIORITY)
+
+
+class BodyReader:
+    """Reads chat requests' bodies; owns the worker processes for the large ones."""
+
+    def __init__(self, max_request_bytes: int, workers: int = 2) -> None:
+        self.max_request_bytes = max_request_bytes
+        self._workers = workers
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # Spawned, not forked: the adapter's process runs an event loop and gRPC's threads, which a
+        # fork would copy in whatever state they are.
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(self._workers, mp_context=context, initializer=_lower_priority)
+
+    async def start(self) -> None:
+        """Starts the workers now rather than on the first large body."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._pool, os.getpid) for _ in range(self._workers)))
+
+    async def chat_request(self, request: Request) -> ChatRequest:
+        body = await read_body(request, self.max_request_bytes)
+        if len(body) <= _INLINE_BYTES:
+            return translate_body(body)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, translate_body, body)
+        except BrokenProcessPool:
+            # A worker died (killed from outside, out of memory): the pool is unusable from then on.
+            # A new one takes this request and the ones after it.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return await loop.run_in_executor(self._pool, translate_body, body)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
