@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 RUST_SOURCES := $(shell find sampler_ext/src -name '*.rs') sampler_ext/Cargo.toml Cargo.toml Cargo.lock
 PROTO := protos/chatrpc/v1/chat.proto
 
-.PHONY: setup serve test lint format test-rust test-python proto proto-check clean
+.PHONY: setup serve test lint format test-rust test-python proto proto-check openapi openapi-check clean
 
 setup: $(INSTALLED)
 
@@ -24,7 +24,7 @@ $(INSTALLED): $(PY) pyproject.toml $(RUST_SOURCES)
 serve: setup
 	$(VENV)/bin/chatrpc serve
 
-test: setup proto-check lint test-rust test-python
+test: setup proto-check openapi-check lint test-rust test-python
 
 # The project holds itself to its formatters and linters (settings in pyproject.toml; rustfmt and
 # clippy defaults for the crate). `make format` applies the formatters.
@@ -56,6 +56,15 @@ proto-check: setup
 	for f in chat_pb2.py chat_pb2.pyi chat_pb2_grpc.py; do \
 		diff -q $$scratch/chatrpc/v1/$$f chatrpc/v1/$$f >/dev/null || { echo "chatrpc/v1/$$f is stale: run 'make proto'"; rm -rf $$scratch; exit 1; }; \
 	done; rm -rf $$scratch; echo "generated stubs match $(PROTO)"
+
+# Regenerate the committed OpenAPI document, which the REST adapter serves at GET /openapi.json,
+# from the .proto and the adapter's own tables (adapters/rest/openapi.py).
+openapi: setup
+	$(PY) -m adapters.rest.openapi
+
+# Fails when the committed OpenAPI document is not what adapters/rest/openapi.py builds.
+openapi-check: setup
+	$(PY) -m adapters.rest.openapi --check
 
 clean:
 	rm -rf $(VENV) target
