@@ -1,5 +1,7 @@
 """A server in a child process on this machine's loopback ports: started, awaited until healthy,
-stopped. Tests and benchmarks run chatrpc (and the benchmarks' peer) this way.
+stopped. Tests and benchmarks run chatrpc (and the benchmarks' peer) this way: `chatrpc serve`
+(`serve_command`), or the gRPC service and the REST adapter as two processes (`grpc_command`,
+`rest_command`), so that one can be stopped or killed while the other lives.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 LOOPBACK = "127.0.0.1"
+GRPC_HEALTH_SCHEME = "grpc://"
 
 
 def free_port() -> int:
@@ -32,9 +38,33 @@ def serve_command(grpc_port: int, rest_port: int, *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
+def grpc_command(port: int, *flags: str) -> list[str]:
+    """`chatrpc grpc` (the service alone) on a loopback port, with this interpreter."""
+    return [sys.executable, "-m", "chatrpc", "grpc", "--port", str(port), "--log-level", "warning", *flags]
+
+
+def rest_command(port: int, upstream_port: int, *flags: str) -> list[str]:
+    """`chatrpc rest` (the adapter alone) on a loopback port, in front of the service on `upstream_port`."""
+    return [
+        sys.executable, "-m", "chatrpc", "rest", "--port", str(port), "--upstream", f"{LOOPBACK}:{upstream_port}",
+        "--log-level", "warning", *flags,
+    ]  # fmt: skip
+
+
+def grpc_serving(target: str, timeout: float = 2) -> bool:
+    """Whether the standard gRPC health check of the server at `target` (HOST:PORT) says SERVING."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
 class LocalServer:
-    """A server process with its output in a log file. `wait_ready` polls its health URL; `stop`
-    sends SIGTERM and kills it if it has not exited after a grace."""
+    """A server process with its output in a log file. `wait_ready` polls its health URL: an HTTP URL
+    that answers 200, or `grpc://HOST:PORT` for the standard gRPC health check; `stop` sends SIGTERM
+    and kills it if it has not exited after a grace."""
 
     def __init__(
         self,
@@ -57,17 +87,24 @@ class LocalServer:
         return self.process.pid
 
     def wait_ready(self, timeout: float = 300) -> None:
-        """Until the health URL answers 200 (the first start of chatrpc assembles the embedded model)."""
+        """Until the server is healthy (the first start of chatrpc assembles the embedded model)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.health_url, timeout=2) as answer:
-                if answer.status == 200:
-                    return
+            if self.healthy():
+                return
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"{self.name} did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        """Whether its health URL says it serves, now."""
+        if self.health_url.startswith(GRPC_HEALTH_SCHEME):
+            return grpc_serving(self.health_url.removeprefix(GRPC_HEALTH_SCHEME))
+        with contextlib.suppress(OSError), urllib.request.urlopen(self.health_url, timeout=2) as answer:
+            return answer.status == 200
+        return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
