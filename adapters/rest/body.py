@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -77,8 +79,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _lower_priority() -> None:
+def _start_worker(parent: int) -> None:
     os.setpriority(os.PRIO_PROCESS, 0, _LOWEST_PRIORITY)
+    # A worker would outlive an adapter that was killed: every worker holds both ends of the pool's
+    # queue, so none ever reads its end. It leaves when its parent is gone.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class BodyReader:
@@ -93,7 +104,9 @@ class BodyReader:
         # Spawned, not forked: the adapter's process runs an event loop and gRPC's threads, which a
         # fork would copy in whatever state they are.
         context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(self._workers, mp_context=context, initializer=_lower_priority)
+        return ProcessPoolExecutor(
+            self._workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
+        )
 
     async def start(self) -> None:
         """Starts the workers now rather than on the first large body."""
@@ -115,4 +128,6 @@ class BodyReader:
             return await loop.run_in_executor(self._pool, translate_body, body)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Waits for the workers to exit: idle ones do so at once, and the adapter's process may end
+        # right after this (uvicorn ends it by the signal it got).
+        self._pool.shutdown(wait=True, cancel_futures=True)
