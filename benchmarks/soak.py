@@ -75,13 +75,14 @@ import jsonschema
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from serving import END_TOKENS, MODEL_ID, PROMPTS  # noqa: E402
 
 from chatrpc.local_server import LOOPBACK, LocalServer, free_port, grpc_command, rest_command  # noqa: E402
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc  # noqa: E402
 from chatrpc.v1.wire import FINISH_REASON_NAMES  # noqa: E402
 
-MODEL_ID = "gemma-3-270m"
-END_TOKENS = (1, 106, 212)  # Gemma 3's <eos>, <end_of_turn> and the other end-of-generation token
 NO_END_JSON = {str(token): -100 for token in END_TOKENS}
 NO_END = {token: -100.0 for token in END_TOKENS}
 GOAL_RSS_GROWTH = 0.05
@@ -91,16 +92,6 @@ SHUTDOWN_LINE = re.compile(
     r"(?P<in_use>\d+) of (?P<slots>\d+) slots in use"
 )
 
-PROMPTS = [
-    "Explain how a lighthouse works.",
-    "Write a short poem about autumn rain.",
-    "What are the main causes of ocean tides?",
-    "Describe a busy market in the morning.",
-    "Give three tips for learning a new language.",
-    "Why is the sky blue?",
-    "Tell a story about a robot who learns to paint.",
-    "Summarise the water cycle for a child.",
-]
 PERSON = {
     "type": "object",
     "properties": {
@@ -258,6 +249,14 @@ async def rest_n(rng: random.Random, http: httpx.AsyncClient, stub) -> None:
     check_usage(answer["usage"], n * body["max_tokens"])
 
 
+def check_conforms(text: str, schema: dict, failure: str, detail: object) -> None:
+    """`text` is JSON that follows `schema`; else the answer fails with `failure`."""
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError) as error:
+        raise Failure(failure, detail=detail) from error
+
+
 async def rest_json(rng: random.Random, http: httpx.AsyncClient, stub) -> None:
     body = rest_body(
         rng,
@@ -269,10 +268,8 @@ async def rest_json(rng: random.Random, http: httpx.AsyncClient, stub) -> None:
     choice = (await rest_unary(http, body))["choices"][0]
     check(choice["finish_reason"] in ("stop", "length"), "finish_reason", choice)
     if choice["finish_reason"] == "stop":
-        try:
-            jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
-        except (ValueError, jsonschema.ValidationError) as error:
-            raise Failure("bad answer: JSON breaks its schema", detail=choice["message"]["content"][:300]) from error
+        content = choice["message"]["content"]
+        check_conforms(content, PERSON, "bad answer: JSON breaks its schema", content[:300])
 
 
 def check_tool_calls(calls: list[dict]) -> None:
@@ -280,10 +277,8 @@ def check_tool_calls(calls: list[dict]) -> None:
     for call in calls:
         name = call["function"]["name"]
         check(name in TOOL_PARAMETERS, "unknown function", name)
-        try:
-            jsonschema.validate(json.loads(call["function"]["arguments"]), TOOL_PARAMETERS[name])
-        except (ValueError, jsonschema.ValidationError) as error:
-            raise Failure("bad answer: arguments break their schema", detail=call["function"]) from error
+        arguments = call["function"]["arguments"]
+        check_conforms(arguments, TOOL_PARAMETERS[name], "bad answer: arguments break their schema", call["function"])
 
 
 async def rest_tools(rng: random.Random, http: httpx.AsyncClient, stub) -> None:
