@@ -209,7 +209,7 @@ async def run(args: argparse.Namespace) -> list[Round]:
     log_dir = Path(tempfile.mkdtemp(prefix="chatrpc-fairness-"))
     grpc_port, rest_port = free_port(), free_port()
     env = dict(os.environ, CHATRPC_API_KEYS=f"{KEY_A},{KEY_B}")
-    command = serve_command(grpc_port, rest_port, "--parallel", str(args.parallel))
+    command = serve_command(grpc_port, rest_port, "--parallel", str(args.parallel), *args.server_flags.split())
     server = LocalServer(
         "chatrpc", command, f"http://127.0.0.1:{rest_port}/health", log_dir / "chatrpc.log", env=env, cwd=REPO
     )
@@ -273,6 +273,7 @@ def main() -> None:
         help="measurements of a round again when other processes took more than --quiet-below of the CPUs "
         "during it (default: 2)",
     )
+    parser.add_argument("--server-flags", default="", help="more flags for `chatrpc serve`, one string")
     parser.add_argument("--json", type=Path, help="also write the samples here")
     args = parser.parse_args()
     if args.queued + args.parallel + 1 > 256:

@@ -93,6 +93,7 @@ class EngineSettings:
     prefill_chunk: int = 256
     max_waiting: int = 256
     max_inflight_per_key: int = 0  # one API key's requests waiting or running at once (0: no limit; admission.py)
+    max_slots_per_key: int = 0  # sequence slots one API key's running requests hold (0: no cap; admission.py)
     threads: int | None = None
     max_n: int = 8  # --max-n; `choice_limit` also bounds n by max_sequences
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
@@ -131,6 +132,7 @@ class ModelRegistry:
                 constraints,
                 max_waiting=settings.max_waiting,
                 max_inflight_per_key=settings.max_inflight_per_key,
+                max_slots_per_key=settings.max_slots_per_key,
                 prefill_chunk=settings.prefill_chunk,
                 prefix_cache=settings.prefix_cache,
                 idle_prefill=settings.idle_prefill,
@@ -144,6 +146,10 @@ class ModelRegistry:
         if served is None:
             raise ModelNotFound(model_id)
         return served
+
+    def decode_threads(self) -> list[int]:
+        """The native ids of the schedulers' threads, one per model."""
+        return [served.scheduler.thread_id for served in self._served.values()]
 
     def all(self) -> list[tuple[str, ServedModel]]:
         return list(self._served.items())

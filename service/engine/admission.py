@@ -12,6 +12,12 @@ does not fit, the turn holds: nothing behind it is admitted until enough slots a
 smaller requests go first would use the free slots now but could pass a large request for ever;
 holding the turn means that between two requests of one tenant, each other tenant gets at most one.
 
+Turns alone cannot help a request that arrives while one tenant holds every slot: it must wait for
+one of that tenant's requests to finish, however long they run. So, when set, `max_slots_per_tenant`
+caps the slots one tenant's running requests hold (the default leaves one slot of the engine for the
+other keys when there are several: models.py). A tenant at its cap is passed over, keeping its place
+in the turn, and a request of more choices than the cap is admitted when its tenant holds no slot.
+
 Two limits, both checked when a request arrives and refused with RESOURCE_EXHAUSTED: `max_waiting`
 requests waiting in all (`QueueFull`), and, when set, `max_inflight_per_tenant` requests of one
 tenant waiting or running at once (`InFlightLimit`), so that one key cannot fill the whole queue
@@ -23,7 +29,7 @@ The scheduler calls every method under its lock; this class takes none of its ow
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -46,9 +52,10 @@ class Ticket(Generic[Request]):
 class FairQueue(Generic[Request]):
     """The waiting requests, a queue per tenant, admitted tenants in turn."""
 
-    def __init__(self, *, max_waiting: int, max_inflight_per_tenant: int = 0) -> None:
+    def __init__(self, *, max_waiting: int, max_inflight_per_tenant: int = 0, max_slots_per_tenant: int = 0) -> None:
         self._max_waiting = max_waiting
         self._max_inflight = max_inflight_per_tenant  # 0: no limit
+        self._max_slots = max_slots_per_tenant  # 0: no limit
         self._queues: dict[Hashable, collections.deque[Ticket[Request]]] = {}
         self._turns: collections.deque[Hashable] = collections.deque()  # tenants with requests waiting, next first
         self._waiting = 0
@@ -81,25 +88,34 @@ class FairQueue(Generic[Request]):
         self._inflight[tenant] += 1
         return ticket
 
-    def take(self, free: int) -> list[Request]:
-        """The requests to admit now into `free` slots: one per tenant in turn, while the next one fits."""
+    def take(self, free: int, held: Mapping[Hashable, int] | None = None) -> list[Request]:
+        """The requests to admit now into `free` slots: one per tenant in turn, while the next one fits.
+        `held`: the slots each tenant's running requests hold, for the cap per tenant."""
+        held = dict(held or {})
         admitted = []
+        passed: list[Hashable] = []  # tenants at their cap: they keep their place in the turn
         while self._turns:
             tenant = self._turns[0]
             queue = self._queues[tenant]
             ticket = queue[0]
+            holding = held.get(tenant, 0)
+            if self._max_slots and holding and holding + ticket.slots > self._max_slots:
+                passed.append(self._turns.popleft())
+                continue
             if ticket.slots > free:
                 break  # the turn holds (see the module's docstring)
             queue.popleft()
             ticket.waiting = False
             self._waiting -= 1
             free -= ticket.slots
+            held[tenant] = holding + ticket.slots
             admitted.append(ticket.request)
             self._turns.popleft()
             if queue:
                 self._turns.append(tenant)
             else:
                 del self._queues[tenant]
+        self._turns.extendleft(reversed(passed))
         return admitted
 
     def end(self, ticket: Ticket[Request]) -> bool:

@@ -21,6 +21,7 @@ Decode runs on this thread, never on the asyncio loop; results go back to the lo
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -89,6 +90,7 @@ class Scheduler:
         *,
         max_waiting: int = 256,
         max_inflight_per_key: int = 0,
+        max_slots_per_key: int = 0,
         prefill_chunk: int = 256,
         prefix_cache: bool = True,
         idle_prefill: bool = True,
@@ -98,9 +100,11 @@ class Scheduler:
         self._model = model
         self._prefill_chunk = min(prefill_chunk, model.batch_size)
         self._condition = threading.Condition()
-        # Requests, as their sequences, per key (max_inflight_per_key 0: no limit per key).
+        # Requests, as their sequences, per key (either limit 0: none).
         self._waiting: FairQueue[list[Sequence]] = FairQueue(
-            max_waiting=max_waiting, max_inflight_per_tenant=max_inflight_per_key
+            max_waiting=max_waiting,
+            max_inflight_per_tenant=max_inflight_per_key,
+            max_slots_per_tenant=max_slots_per_key,
         )
         self._active: list[Sequence] = []
         self._stopping = False
@@ -124,6 +128,11 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model.model_id}", daemon=True)
         self._thread.start()
 
+    @property
+    def thread_id(self) -> int:
+        """The native id of the thread that decodes (service/cpu_priority.py keeps it first)."""
+        return self._thread.native_id
+
     # ---- asyncio side -------------------------------------------------------------------------
 
     def submit(self, generation: Generation, tenant: str = SHARED_TENANT) -> RequestStream:
@@ -142,6 +151,7 @@ class Scheduler:
                 token_bytes=self._model.token_bytes,
                 is_end_of_generation=self._model.is_end_of_generation,
                 deliver=deliver,
+                tenant=tenant,
             )
 
         sequences = choices.new_choices(generation, make)
@@ -227,7 +237,8 @@ class Scheduler:
 
     def _take_admissible(self) -> list[list[Sequence]]:
         """Waiting requests, the keys in turn, while enough sequence slots are free for all their choices."""
-        return self._waiting.take(self.slots.free_count)
+        held = collections.Counter(sequence.tenant for sequence in self._active)
+        return self._waiting.take(self.slots.free_count, held)
 
     def _start(self, request: list[Sequence]) -> None:
         for sequence in request:
@@ -282,16 +293,23 @@ class Scheduler:
         for sequence in [s for s in self._active if s.cancelled]:
             self._release(sequence, keep_prompt=True)
         decoding = [s for s in self._active if not s.in_prefill]
-        if decoding:
-            self._decode(decoding)
         # Prompt chunks have fixed boundaries and each gets its own llama_decode, never shared with
         # other sequences' tokens: llama.cpp picks its matrix kernels by batch size, so a sequence's
         # logits would otherwise depend on what else was in its batch (docs/engine.md, "Determinism").
+        # They run before the decoding rows' batch: a prompt that completes has its first token one
+        # decode sooner, and the rows wait for both either way. The key holding the fewest slots goes
+        # first, so that a newcomer is not kept a step behind a flood's prompts (admission.py).
         budget = self._prefill_chunk if decoding else self._decoder.batch.capacity
-        for sequence in [s for s in self._active if s.in_prefill and not s.awaiting_fork]:
+        prompts = [s for s in self._active if s.in_prefill and not s.awaiting_fork]
+        if len(prompts) > 1:
+            held = collections.Counter(s.tenant for s in self._active)
+            prompts.sort(key=lambda s: held[s.tenant])  # stable: admission order within a key
+        for sequence in prompts:
             if budget <= 0:
                 break
             budget -= self._prefill(sequence)
+        if decoding:
+            self._decode(decoding)
 
     def _decode(self, decoding: list[Sequence]) -> None:
         """One token for every decoding sequence, in one batch (or a few for a lone sequence whose

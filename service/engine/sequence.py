@@ -73,8 +73,10 @@ class Sequence:
         token_bytes: Callable[[int], bytes],
         is_end_of_generation: Callable[[int], bool],
         deliver: Callable[[SequenceUpdate], None],
+        tenant: str = "",
     ) -> None:
         self.generation = generation
+        self.tenant = tenant  # whose request: its API key's name (admission.py counts slots per key)
         self.index = index  # which of the request's n choices this is
         self.seed = seed
         self.deliver = deliver

@@ -122,3 +122,31 @@ def test_drain_empties_the_queue_and_keeps_counting_until_each_ends():
     for ticket in tickets:
         assert queue.end(ticket) is False
     assert queue.inflight("a") == 0
+
+
+def test_a_tenant_at_its_slot_cap_leaves_the_last_slot_to_another_key():
+    queue = FairQueue(max_waiting=300, max_slots_per_tenant=3)
+    flood(queue, "a", 200)
+    assert queue.take(4) == ["a0", "a1", "a2"]
+    # a holds 3 slots: the fourth stays free, and b's request takes it the moment it arrives.
+    assert queue.take(1, {"a": 3}) == []
+    queue.push("b", "b0", 1)
+    assert queue.take(1, {"a": 3}) == ["b0"]
+    # a keeps its place in the turn while it is passed over.
+    queue.push("c", "c0", 1)
+    assert queue.take(2, {"a": 2, "b": 1}) == ["a3", "c0"]
+
+
+def test_a_request_of_more_choices_than_the_cap_runs_when_its_tenant_holds_none():
+    queue = FairQueue(max_waiting=100, max_slots_per_tenant=2)
+    queue.push("a", "a-n4", 4)
+    queue.push("a", "a-n1", 1)
+    assert queue.take(8, {}) == ["a-n4"]
+    assert queue.take(4, {"a": 4}) == []
+    assert queue.take(8, {}) == ["a-n1"]
+
+
+def test_no_slot_cap_by_default():
+    queue = FairQueue(max_waiting=100)
+    flood(queue, "a", 8)
+    assert queue.take(8, {"a": 0}) == [f"a{i}" for i in range(8)]

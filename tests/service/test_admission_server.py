@@ -144,3 +144,28 @@ def test_the_limit_per_key_is_a_429_through_rest_until_the_requests_end(two_key_
             time.sleep(0.1)
         assert answer.status_code == 200, answer.text
         assert answer.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_key_is_kept_from_the_last_free_slot_which_another_keys_request_takes_at_once(tmp_path_factory):
+    # Two keys and two slots: by default (--max-slots-per-key) one key's requests hold at most one.
+    server = start_server(tmp_path_factory.mktemp("slots"), env_keys=f"{KEY_A},{KEY_B}", extra_args=("--parallel", "2"))
+    try:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = chat_pb2_grpc.ChatCompletionsStub(channel)
+            first, second = _holding_stream(stub, KEY_A), _holding_stream(stub, KEY_A)
+            try:
+                next(first)
+                # Were A's second stream admitted, both slots would be held until cancelled and B's
+                # request would run out of time; it is answered while both of A's streams go on.
+                answer = stub.CreateChatCompletion(
+                    _request("Say hi.", max_tokens=3), metadata=_metadata(KEY_B), timeout=DEADLINE
+                )
+                assert answer.usage.completion_tokens >= 1
+                assert not second.done()
+                first.cancel()
+                next(second)  # A's first slot is free again: its second stream takes it
+            finally:
+                first.cancel()
+                second.cancel()
+    finally:
+        stop_server(server)
