@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--floods", type=int, default=4, help="client processes sending large bodies")
     parser.add_argument("--models", type=int, default=200, help="GET /v1/models probes per phase")
     parser.add_argument("--completions", type=int, default=40, help="one-token completion probes per phase")
+    parser.add_argument("--server-flags", default="", help="more flags for `chatrpc serve`, one string")
     args = parser.parse_args()
 
     limit = RequestLimits().max_request_bytes
@@ -150,7 +151,7 @@ def main() -> None:
     phases = ("quiet", "at-limit", "over-limit")
     results: dict[str, dict[str, list[list[float]]]] = {p: {"models": [], "completion": []} for p in phases}
     with tempfile.TemporaryDirectory() as log_dir:
-        command = serve_command(grpc_port, rest_port)
+        command = serve_command(grpc_port, rest_port, *args.server_flags.split())
         server = LocalServer(
             "chatrpc", command, f"http://127.0.0.1:{rest_port}/health", Path(log_dir) / "chatrpc.log", env=env, cwd=REPO
         )

@@ -48,17 +48,20 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     )
     group.add_argument("--insecure", action="store_true", help="allow a non-loopback address without API keys")
     group.add_argument(
-        "--ctx-size", type=int, default=4096, help="context length of each sequence in tokens (default: %(default)s)"
+        "--ctx-size",
+        type=_positive,
+        default=4096,
+        help="context length of each sequence in tokens (default: %(default)s)",
     )
     group.add_argument(
-        "--parallel", type=int, default=8, help="sequences generated at once per model (default: %(default)s)"
+        "--parallel", type=_positive, default=8, help="sequences generated at once per model (default: %(default)s)"
     )
     group.add_argument(
-        "--batch-size", type=int, default=512, help="most tokens in one decode step (default: %(default)s)"
+        "--batch-size", type=_positive, default=512, help="most tokens in one decode step (default: %(default)s)"
     )
     group.add_argument(
         "--prefill-chunk",
-        type=int,
+        type=_positive,
         default=256,
         help="prompt tokens per prefill chunk; one chunk per step while other sequences decode (default: %(default)s)",
     )
@@ -95,7 +98,7 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     )
     group.add_argument(
         "--speculative-tokens",
-        type=int,
+        type=_non_negative,
         default=3,
         metavar="K",
         help="while one sequence decodes alone, guess up to K next tokens by prompt lookup (the tokens that followed "
@@ -111,16 +114,19 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     )
     group.add_argument(
         "--max-n",
-        type=int,
+        type=_positive,
         default=8,
         help="the largest 'n' (choices per request) accepted, and never more than --parallel (default: %(default)s)",
     )
     group.add_argument(
-        "--max-waiting", type=int, default=256, help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)"
+        "--max-waiting",
+        type=_positive,
+        default=256,
+        help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)",
     )
     group.add_argument(
         "--max-inflight-per-key",
-        type=int,
+        type=_non_negative,
         default=0,
         metavar="N",
         help="requests one API key may have waiting or running at once, per model, before RESOURCE_EXHAUSTED. Keys "
@@ -128,7 +134,26 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "the whole queue, which would refuse every other key (with no keys, all callers are one key; default: 0, "
         "no limit)",
     )
-    group.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores)")
+    group.add_argument(
+        "--max-slots-per-key",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="sequence slots (of --parallel) that one API key's running requests may hold at once, per model; a "
+        "request of more choices than N runs when its key holds none. A key at its cap keeps its turn, and a request "
+        "of another key takes a free slot at once instead of waiting for one of the flood's requests to finish "
+        "(default: --parallel minus 1 when two or more API keys are configured; otherwise 0, no cap)",
+    )
+    group.add_argument(
+        "--handler-nice",
+        type=_non_negative,
+        default=10,
+        metavar="N",
+        help="nice value of every thread but the decoding ones once the models are loaded: receiving, checking and "
+        "tokenizing requests (and, under `serve`, the REST adapter) never preempt a running decode step "
+        "(service/cpu_priority.py; 0: all at the process's priority; default: %(default)s)",
+    )
+    group.add_argument("--threads", type=_positive, default=None, help="CPU threads for llama.cpp (default: all cores)")
     group.add_argument(
         "--grace",
         type=float,
@@ -190,14 +215,29 @@ def request_limits(args: argparse.Namespace):
     )
 
 
-def _positive(text: str) -> int:
+def _at_least(minimum: int, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _at_least(1, text)
+
+
+def _non_negative(text: str) -> int:
+    return _at_least(0, text)
+
+
+def _slots_per_key(given: int | None, parallel: int, keys: int) -> int:
+    """--max-slots-per-key, or its default: with several keys, one slot kept for the keys that hold none."""
+    if given is not None:
+        return given
+    return parallel - 1 if keys >= 2 and parallel >= 2 else 0
 
 
 def _ngram_range(text: str) -> tuple[int, int]:
@@ -261,6 +301,7 @@ def _configure_logging(level: str) -> None:
 
 def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
     from service.auth import keys_from_environment
+    from service.cpu_priority import lower_all_threads_but
     from service.models import DEFAULT_MODEL_ID, EngineSettings, ModelRegistry, ModelSpec
     from service.server import GrpcServerConfig, check_bind_is_safe, serve
 
@@ -277,6 +318,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
         prefill_chunk=args.prefill_chunk,
         max_waiting=args.max_waiting,
         max_inflight_per_key=args.max_inflight_per_key,
+        max_slots_per_key=_slots_per_key(args.max_slots_per_key, args.parallel, len(keys)),
         threads=args.threads,
         max_n=args.max_n,
         prefix_cache=args.prefix_cache,
@@ -287,6 +329,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
         speculative_ngram=args.speculative_ngram,
     )
     registry = ModelRegistry(specs, settings)
+    lower_all_threads_but(registry.decode_threads(), args.handler_nice)
     config = GrpcServerConfig(
         host=args.grpc_host,
         port=args.grpc_port,
