@@ -112,10 +112,17 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return APIError(400, message, param=param, code=code)
 
 
+_UNAVAILABLE_MESSAGE = "The model service is unavailable: it may be restarting or shutting down. Retry shortly."
+
+
 def from_rpc_error(error: grpc.RpcError) -> APIError:
     """The HTTP error for a failed gRPC call: status -> HTTP, details -> message, metadata -> param."""
     status_code = error.code()
     message = error.details() or status_code.name
+    if status_code is grpc.StatusCode.UNAVAILABLE:
+        # gRPC's own text for a channel that cannot connect names the upstream's address, which
+        # is the deployment's business, not the client's.
+        message = _UNAVAILABLE_MESSAGE
     if status_code is grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith(_TOO_LARGE_PREFIXES):
         http_status, error_type, code = 413, INVALID_REQUEST, "request_too_large"
     else:
