@@ -108,8 +108,10 @@ def _message_text(index: int, message: chat_pb2.ChatMessage) -> str | None:
     return None
 
 
-def struct_to_python(struct) -> dict[str, Any]:
-    """A Struct as plain Python; whole numbers come back as ints (Struct stores every number as a double)."""
+def struct_to_python(struct, param: str) -> dict[str, Any]:
+    """A Struct as plain Python; whole numbers come back as ints (Struct stores every number as a double).
+    One that JSON cannot carry (an infinite or NaN number, nesting past the interpreter's depth) is
+    an INVALID_ARGUMENT naming `param`."""
 
     def restore(value: Any) -> Any:
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
@@ -120,7 +122,11 @@ def struct_to_python(struct) -> dict[str, Any]:
             return [restore(v) for v in value]
         return value
 
-    return restore(json_format.MessageToDict(struct))
+    try:
+        return restore(json_format.MessageToDict(struct))
+    except (ValueError, RecursionError) as error:
+        reason = "is nested too deeply" if isinstance(error, RecursionError) else "holds a number JSON cannot carry"
+        raise InvalidArgument(param, f"'{param}' {reason}.") from None
 
 
 def check_messages(messages, max_messages: int) -> list[dict[str, Any]]:
@@ -193,7 +199,7 @@ def check_response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, 
                 "response_format.json_schema.name",
                 f"Invalid schema name {spec.name!r}: use 1 to 64 letters, digits, underscores or dashes.",
             )
-        return struct_to_python(spec.schema) if spec.HasField("schema") else {}
+        return struct_to_python(spec.schema, "response_format.json_schema.schema") if spec.HasField("schema") else {}
     raise InvalidArgument("response_format", "'response_format' needs a type: text, json_object or json_schema.")
 
 
@@ -227,7 +233,11 @@ def check_tools(
                 f"tools[{i}].type", f"Only tools of type 'function' are supported, got {tool.type!r}."
             )
         function = tool.function
-        parameters = struct_to_python(function.parameters) if function.HasField("parameters") else None
+        parameters = (
+            struct_to_python(function.parameters, f"tools[{i}].function.parameters")
+            if function.HasField("parameters")
+            else None
+        )
         tools.append(
             check_tool(i, function.name, function.description if function.HasField("description") else None, parameters)
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import jsonschema
 import pytest
 from google.protobuf import struct_pb2
@@ -82,3 +83,16 @@ def test_forced_tool_call_over_grpc_stream(stub, auth_metadata):
     jsonschema.validate(json.loads("".join(c.function.arguments for c in calls)), SCHEMA)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == [chat_pb2.FINISH_REASON_TOOL_CALLS]
+
+
+@pytest.mark.parametrize("number", [float("inf"), float("-inf"), float("nan")])
+def test_a_schema_number_json_cannot_carry_is_an_invalid_argument_naming_it(stub, auth_metadata, number):
+    # Struct stores doubles, so a gRPC client can send what no JSON schema can hold.
+    response_format = chat_pb2.ResponseFormat(
+        type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+        json_schema=chat_pb2.JsonSchema(name="bad", schema=struct({"type": "number", "maximum": number})),
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.CreateChatCompletion(request(response_format=response_format), metadata=auth_metadata, timeout=120)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("error-param", "response_format.json_schema.schema") in tuple(raised.value.trailing_metadata())
