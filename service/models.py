@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -146,6 +147,12 @@ class ModelRegistry:
         if served is None:
             raise ModelNotFound(model_id)
         return served
+
+    def arriving(self, model_id: str | None, tenant: str) -> contextlib.AbstractContextManager[None]:
+        """Scheduler.arriving of the model a request names, while it is checked and queued; nothing
+        for a model not served (the checks refuse it)."""
+        served = self._served.get(model_id) if model_id is not None else None
+        return served.scheduler.arriving(tenant) if served is not None else contextlib.nullcontext()
 
     def decode_threads(self) -> list[int]:
         """The native ids of the schedulers' threads, one per model."""

@@ -43,8 +43,11 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         return checked, served, build_generation(checked, served.model, served.capabilities, served.constraints)
 
     async def _start(self, request, context, *, streaming: bool):
-        checked, served, generation = await asyncio.to_thread(self._prepare, request, streaming)
-        stream = served.scheduler.submit(generation, self._tenants.of(context.invocation_metadata()))
+        model_id = None if isinstance(request, UndecodableRequest) else request.model
+        tenant = self._tenants.of(context.invocation_metadata())
+        with self._registry.arriving(model_id, tenant):
+            checked, served, generation = await asyncio.to_thread(self._prepare, request, streaming)
+            stream = served.scheduler.submit(generation, tenant)
         header = responses.CompletionHeader.new(request.model, served.model.system_fingerprint)
         outputs = [ChoiceOutput(index, checked) for index in range(checked.n)]
         return checked, generation, stream, header, outputs

@@ -69,8 +69,8 @@ class FairQueue(Generic[Request]):
         """The tenant's requests waiting or running."""
         return self._inflight[tenant]
 
-    def push(self, tenant: Hashable, request: Request, slots: int) -> Ticket[Request]:
-        """Queue a request that needs `slots` sequence slots; refuses it when a limit is reached."""
+    def check(self, tenant: Hashable) -> None:
+        """Refuses as push() would now: lets the caller refuse a request before the work of preparing it."""
         if self._max_inflight and self._inflight[tenant] >= self._max_inflight:
             raise InFlightLimit(
                 f"Too many requests for this API key: {self._inflight[tenant]} are waiting or running, the most "
@@ -78,6 +78,10 @@ class FairQueue(Generic[Request]):
             )
         if self._waiting >= self._max_waiting:
             raise QueueFull(f"The server is busy: {self._waiting} requests are waiting. Retry later.")
+
+    def push(self, tenant: Hashable, request: Request, slots: int) -> Ticket[Request]:
+        """Queue a request that needs `slots` sequence slots; refuses it when a limit is reached."""
+        self.check(tenant)
         ticket = Ticket(tenant, request, slots)
         queue = self._queues.get(tenant)
         if queue is None:

@@ -5,9 +5,9 @@ Requests join between steps, as soon as enough sequence slots are free for all t
 joins next is admission.py's: a queue per API key and the keys in turn, so that one key's flood
 does not hold another key's request behind all of it; a request whose choices do not fit yet holds
 its turn until they do. Each step decodes the next token of every decoding sequence in one batch
-(one `llama_decode`) and samples them all in one call (sampling.py); then it prefills prompt
-chunks of newcomers, each chunk in a decode call of its own, at most one chunk per step while
-others decode, so that a newcomer does not stall the sequences already decoding. Prompts are
+(one `llama_decode`) and samples them all in one call (sampling.py), after the prompt chunks of
+newcomers, each chunk in a decode call of its own, at most one chunk per step while others decode,
+so that a newcomer does not stall the sequences already decoding. Prompts are
 prefilled in chunks of `prefill_chunk` tokens at fixed boundaries, whatever the prefix cache
 supplied, so that reusing a prefix never changes the output (prefix_cache.py). The other parts of
 a step have files of their own: n choices sharing one prefill (choices.py), a lone sequence's
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from operator import attrgetter
 
 import numpy as np
@@ -108,6 +109,7 @@ class Scheduler:
         )
         self._active: list[Sequence] = []
         self._stopping = False
+        self._arriving = 0  # requests being checked and tokenized for this model (arriving())
         self.timings = StepTimings()
         self.prefix_cache = PrefixCache(
             model.memory, self._prefill_chunk, enabled=prefix_cache, any_boundary=not model.deterministic
@@ -134,6 +136,28 @@ class Scheduler:
         return self._thread.native_id
 
     # ---- asyncio side -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def arriving(self, tenant: str = SHARED_TENANT) -> Iterator[None]:
+        """A request of `tenant` on its way, from its arrival until it is queued (submit) or refused.
+
+        What submit() would refuse now (the queue full, the key at its limit) is refused at once,
+        before the request is checked, rendered and tokenized. Then no idle prefill piece runs
+        meanwhile: the request's checks and tokenization run at a lower CPU priority than this
+        thread (service/cpu_priority.py), so a piece would take the cores from them, and the request
+        could reach submit(), which stops pieces, only after several."""
+        with self._condition:
+            if self._stopping:
+                raise QueueFull("The server is shutting down.")
+            self._waiting.check(tenant)
+            self._arriving += 1
+            self.idle_prefill.interrupt()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._arriving -= 1
+                self._condition.notify()
 
     def submit(self, generation: Generation, tenant: str = SHARED_TENANT) -> RequestStream:
         """Queue the request under `tenant`, its API key's name (service/auth.py: Tenants)."""
@@ -193,7 +217,7 @@ class Scheduler:
             piece = None
             with self._condition:
                 while not self._stopping and not self._waiting and not self._active:
-                    piece = self.idle_prefill.start()
+                    piece = None if self._arriving else self.idle_prefill.start()
                     if piece is not None:
                         break
                     self._condition.wait()

@@ -150,3 +150,15 @@ def test_no_slot_cap_by_default():
     queue = FairQueue(max_waiting=100)
     flood(queue, "a", 8)
     assert queue.take(8, {"a": 0}) == [f"a{i}" for i in range(8)]
+
+
+def test_check_refuses_what_push_would_without_queueing_anything():
+    queue = FairQueue(max_waiting=3, max_inflight_per_tenant=2)
+    flood(queue, "a", 2)
+    with pytest.raises(InFlightLimit):
+        queue.check("a")
+    queue.check("b")  # another key still fits
+    queue.push("b", "b0", 1)
+    with pytest.raises(QueueFull):
+        queue.check("c")
+    assert len(queue) == 3 and queue.inflight("c") == 0

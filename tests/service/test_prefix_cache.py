@@ -317,6 +317,30 @@ def test_a_request_stops_idle_prefill_which_resumes_once_idle_again(engine_pair,
     assert cached.cache.stats.reused_tokens - reused_before >= common_prefix(prompt, prompt_2) + 64
 
 
+def test_a_request_on_its_way_stops_idle_prefill_and_none_starts_until_it_is_queued(engine_pair):
+    cached, plain = engine_pair(idle_prefill=True)
+    prompt = cached.prompt([{"role": "user", "content": question(TOPICS[2], 0)}])
+    answer = plain.run(prompt, max_tokens=200, temperature=0.0)
+    assert cached.run(prompt, max_tokens=200, temperature=0.0) == answer  # then its answer is prefilled while idle
+    idle = cached.scheduler.idle_prefill
+    deadline = time.monotonic() + 60
+    while not idle.running:
+        assert time.monotonic() < deadline, "idle prefill did not start"
+        time.sleep(0.001)
+    # The servicer holds arriving() while it checks and tokenizes a request, before submit().
+    with cached.scheduler.arriving():
+        while idle.running:
+            assert time.monotonic() < deadline, "the piece was not stopped"
+            time.sleep(0.001)
+        assert idle.stats.interrupted == 1
+        # Left alone, the scheduler would start the piece again at once; a piece stays in
+        # llama_decode far longer than this.
+        time.sleep(0.3)
+        assert not idle.running and idle.pending()
+    cached.wait_idle_prefill()  # once nothing is on its way, the piece is done after all
+    assert idle.stats.interrupted == 1
+
+
 def test_prefix_cache_flag_defaults_on():
     parser = build_parser()
     assert parser.parse_args(["grpc"]).prefix_cache is True
