@@ -147,8 +147,7 @@ class Scheduler:
         thread (service/cpu_priority.py), so a piece would take the cores from them, and the request
         could reach submit(), which stops pieces, only after several."""
         with self._condition:
-            if self._stopping:
-                raise QueueFull("The server is shutting down.")
+            self._check_open()
             self._waiting.check(tenant)
             self._arriving += 1
             self.idle_prefill.interrupt()
@@ -158,6 +157,11 @@ class Scheduler:
             with self._condition:
                 self._arriving -= 1
                 self._condition.notify()
+
+    def _check_open(self) -> None:
+        """Refuses a new request once the server is stopping. Under the lock."""
+        if self._stopping:
+            raise QueueFull("The server is shutting down.")
 
     def submit(self, generation: Generation, tenant: str = SHARED_TENANT) -> RequestStream:
         """Queue the request under `tenant`, its API key's name (service/auth.py: Tenants)."""
@@ -180,8 +184,7 @@ class Scheduler:
 
         sequences = choices.new_choices(generation, make)
         with self._condition:
-            if self._stopping:
-                raise QueueFull("The server is shutting down.")
+            self._check_open()
             ticket = self._waiting.push(tenant, sequences, len(sequences))
             self.idle_prefill.interrupt()  # the request must not wait for an idle piece
             self._condition.notify()
@@ -261,8 +264,11 @@ class Scheduler:
 
     def _take_admissible(self) -> list[list[Sequence]]:
         """Waiting requests, the keys in turn, while enough sequence slots are free for all their choices."""
-        held = collections.Counter(sequence.tenant for sequence in self._active)
-        return self._waiting.take(self.slots.free_count, held)
+        return self._waiting.take(self.slots.free_count, self._held_slots())
+
+    def _held_slots(self) -> collections.Counter[str]:
+        """The slots each key's running sequences hold."""
+        return collections.Counter(sequence.tenant for sequence in self._active)
 
     def _start(self, request: list[Sequence]) -> None:
         for sequence in request:
@@ -326,7 +332,7 @@ class Scheduler:
         budget = self._prefill_chunk if decoding else self._decoder.batch.capacity
         prompts = [s for s in self._active if s.in_prefill and not s.awaiting_fork]
         if len(prompts) > 1:
-            held = collections.Counter(s.tenant for s in self._active)
+            held = self._held_slots()
             prompts.sort(key=lambda s: held[s.tenant])  # stable: admission order within a key
         for sequence in prompts:
             if budget <= 0:
