@@ -153,7 +153,12 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "tokenizing requests (and, under `serve`, the REST adapter) never preempt a running decode step "
         "(service/cpu_priority.py; 0: all at the process's priority; default: %(default)s)",
     )
-    group.add_argument("--threads", type=_positive, default=None, help="CPU threads for llama.cpp (default: all cores)")
+    group.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="CPU threads for llama.cpp (default: every CPU this process may run on)",
+    )
     group.add_argument(
         "--grace",
         type=float,
@@ -414,10 +419,14 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from service.server import InsecureBindError
-
     args = build_parser().parse_args(argv)
     _configure_logging(args.log_level)
+    if args.command != "rest":
+        from service.engine.openmp import bind_decode_threads
+
+        bind_decode_threads(args.threads)  # before anything loads llama.cpp
+    from service.server import InsecureBindError
+
     try:
         if args.command == "serve":
             _serve(args)

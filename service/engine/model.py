@@ -21,6 +21,7 @@ from typing import Any
 import llama_cpp
 
 from service.chat_template import ChatTemplate
+from service.engine.openmp import usable_cpus
 from service.tool_calls import ToolSpec, messages_for_builtin_format
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class LoadedModel:
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.context_train = llama_cpp.llama_model_n_ctx_train(self.model)
 
-        threads = threads or os.cpu_count() or 1
+        threads = threads or usable_cpus()
         context_params = llama_cpp.llama_context_default_params()
         context_params.n_ctx = min(context_per_sequence, self.context_train) * max_sequences
         context_params.n_batch = batch_size

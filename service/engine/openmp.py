@@ -11,6 +11,15 @@ just when the service's, the adapter's and the client's network stacks deliver t
 `omp_pause_resource_all(omp_pause_soft)`, called by the thread that owns the pool, ends its workers
 (libgomp joins them); the next decode starts a new pool. The standard OpenMP 5.0 call rather than an
 environment variable, because the spin is wanted while sequences decode.
+
+A new pool's workers are new threads, and Linux places a new thread on the CPU running the fewest
+tasks: while other work keeps the other cores busy (the adapter's event loop under a flood of
+requests, even at a lower priority), that is the scheduler thread's own CPU. The two then take turns
+on one core, each spinning at every graph node's barrier while the other cannot run, and the load
+balancer leaves them there for as long as they are cache-hot: a prefill took twice its time, and
+requests that ran alone came out 100-200 ms late (benchmarks/isolation.py). `bind_decode_threads`
+has libgomp bind each team's threads one to a CPU when the team spans every CPU the process may use,
+so that two decode threads never share one.
 """
 
 from __future__ import annotations
@@ -18,10 +27,48 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
 _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t in omp.h
+# How libgomp places its threads; it reads them once, when it is loaded. An operator who set any of
+# them has chosen, and OMP_PROC_BIND=false turns binding off.
+_PLACEMENT_VARIABLES = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), not the
+    machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def bind_decode_threads(threads: int | None) -> bool:
+    """Loads llama.cpp so that each OpenMP team (a scheduler thread and its workers) runs one thread
+    per CPU; returns whether binding is on. Must run before llama.cpp is first imported.
+
+    Only where the team of `threads` (None: the default, every usable CPU) spans every CPU the
+    process may use: a smaller team bound to the first CPUs would leave the others idle, and another
+    process bound the same way would share them. libgomp binds the thread that loads it to the first
+    CPU as well; that thread gets its whole mask back, so the threads it starts later (gRPC's, the
+    REST adapter's process) run anywhere."""
+    if not hasattr(os, "sched_setaffinity") or "llama_cpp" in sys.modules:
+        return False
+    if any(name in os.environ for name in _PLACEMENT_VARIABLES):
+        return False
+    if (threads or usable_cpus()) != usable_cpus() or usable_cpus() < 2:
+        return False
+    mask = os.sched_getaffinity(0)
+    os.environ.update(OMP_PROC_BIND="close", OMP_PLACES="threads")
+    try:
+        import llama_cpp  # noqa: F401 - loads libgomp, which reads the variables now
+    finally:
+        os.sched_setaffinity(0, mask)
+        for name in ("OMP_PROC_BIND", "OMP_PLACES"):
+            del os.environ[name]  # read already; child processes start without them
+    return True
 
 
 class WorkerPool:
