@@ -306,9 +306,10 @@ def _configure_logging(level: str) -> None:
 
 def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
     from service.auth import keys_from_environment
+    from service.bind_policy import check_bind_is_safe
     from service.cpu_priority import lower_all_threads_but
     from service.models import DEFAULT_MODEL_ID, EngineSettings, ModelRegistry, ModelSpec
-    from service.server import GrpcServerConfig, check_bind_is_safe, serve
+    from service.server import GrpcServerConfig, serve
 
     keys = keys_from_environment(args.api_key_file)
     check_bind_is_safe(args.grpc_host, keys, args.insecure)
@@ -371,7 +372,7 @@ def _rest_upstream_is_open(upstream: str) -> bool:
 
 def _run_rest(args: argparse.Namespace) -> None:
     from adapters.rest.app import run
-    from service.server import is_loopback_host
+    from service.bind_policy import is_loopback_host
 
     if not is_loopback_host(args.rest_host) and not args.insecure and _rest_upstream_is_open(args.upstream):
         raise SystemExit(
@@ -390,7 +391,7 @@ def _run_rest(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     """gRPC in this process; the REST adapter in a child process started once gRPC is up."""
     from service.auth import keys_from_environment
-    from service.server import check_bind_is_safe
+    from service.bind_policy import check_bind_is_safe
 
     # The adapter exposes the service: the same loopback rule applies to its address.
     check_bind_is_safe(args.rest_host, keys_from_environment(args.api_key_file), args.insecure)
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         from service.engine.openmp import bind_decode_threads
 
         bind_decode_threads(args.threads)  # before anything loads llama.cpp
-    from service.server import InsecureBindError
+    from service.bind_policy import InsecureBindError
 
     try:
         if args.command == "serve":

@@ -8,7 +8,6 @@ sending), then the server stops, giving in-flight calls `grace` seconds to finis
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chatrpc.v1 import chat_pb2
 from service.auth import AuthInterceptor, Tenants
+from service.bind_policy import check_bind_is_safe
 from service.limits import RequestLimits
 from service.models import ModelRegistry
 from service.request_decoding import decode_chat_request
@@ -27,27 +27,6 @@ from service.servicer import ChatCompletionsServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatCompletions"].full_name
-
-
-class InsecureBindError(Exception):
-    """Binding a non-loopback address with no API keys, without --insecure."""
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind_is_safe(host: str, api_keys: list[str], insecure: bool) -> None:
-    if not api_keys and not insecure and not is_loopback_host(host):
-        raise InsecureBindError(
-            f"refusing to listen on {host} without API keys: set CHATRPC_API_KEYS or --api-key-file, "
-            "bind a loopback address, or pass --insecure"
-        )
 
 
 @dataclass

@@ -1,8 +1,8 @@
 import pytest
 
 from service.auth import SHARED_TENANT, ApiKeyChecker, Tenants, load_api_keys
+from service.bind_policy import InsecureBindError, check_bind_is_safe
 from service.errors import Unauthenticated
-from service.server import InsecureBindError, check_bind_is_safe
 
 
 def test_keys_from_env_and_file(tmp_path):
