@@ -1,5 +1,5 @@
 """What an HTTP client sees when the service behind the adapter cannot answer: the service killed
-mid-stream and started again, and the service's queue full.
+mid-stream and started again, and the service's queue full; and the adapter's own exit on SIGTERM.
 
 The killed-service test runs `chatrpc grpc` and `chatrpc rest` as two processes, so that the service
 can be killed and started again on the same port while the adapter lives on.
@@ -118,6 +118,9 @@ def test_killed_service_ends_the_stream_with_an_error_and_the_adapter_recovers(t
             with http.stream("POST", "/v1/chat/completions", json=chat(max_tokens=5, stream=True)) as response:
                 assert response.status_code == 200
                 assert list(data_lines(response))[-1] == "[DONE]"
+        # SIGTERM, as Kubernetes stops it: the adapter shuts down and exits with 0.
+        adapter.process.terminate()
+        assert adapter.process.wait(timeout=30) == 0
     finally:
         adapter.stop()
         service.stop()
