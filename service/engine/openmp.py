@@ -16,8 +16,8 @@ A new pool's workers are new threads, and Linux places a new thread on the CPU r
 tasks: while other work keeps the other cores busy (the adapter's event loop under a flood of
 requests, even at a lower priority), that is the scheduler thread's own CPU. The two then take turns
 on one core, each spinning at every graph node's barrier while the other cannot run, and the load
-balancer leaves them there for as long as they are cache-hot: a prefill took twice its time, and
-requests that ran alone came out 100-200 ms late (benchmarks/isolation.py). `bind_decode_threads`
+balancer leaves them there for as long as they are cache-hot, stretching the whole prefill
+(benchmarks/isolation.py measures it; docs/engine.md has the trace). `bind_decode_threads`
 has libgomp bind each team's threads one to a CPU when the team spans every CPU the process may use,
 so that two decode threads never share one.
 """
@@ -58,9 +58,9 @@ def bind_decode_threads(threads: int | None) -> bool:
         return False
     if any(name in os.environ for name in _PLACEMENT_VARIABLES):
         return False
-    if (threads or usable_cpus()) != usable_cpus() or usable_cpus() < 2:
-        return False
     mask = os.sched_getaffinity(0)
+    if (threads or len(mask)) != len(mask) or len(mask) < 2:
+        return False
     os.environ.update(OMP_PROC_BIND="close", OMP_PLACES="threads")
     try:
         import llama_cpp  # noqa: F401 - loads libgomp, which reads the variables now
