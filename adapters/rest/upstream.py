@@ -114,26 +114,34 @@ def call_metadata(request: Request) -> tuple[tuple[str, str], ...] | None:
 class DisconnectWatch:
     """Cancels ``call`` when the HTTP client disconnects; ``stop()`` once the answer is sent."""
 
-    __slots__ = ("_task", "disconnected")
+    __slots__ = ("_task",)
 
     def __init__(self, request: Request, call: grpc.aio.Call) -> None:
-        self.disconnected = False
-        self._task = asyncio.create_task(self._watch(request.receive, call))
-
-    async def _watch(self, receive, call: grpc.aio.Call) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.disconnected = True
-        call.cancel()
+        # The watching coroutine gets what it needs, not this object: a cancelled task keeps its
+        # CancelledError, whose traceback holds the coroutine's frame, so a frame that referred back
+        # to the task would make a reference cycle of every request's objects (its task, frames,
+        # gRPC call, uvicorn's request cycle) that only the cyclic garbage collector frees, long
+        # after, and the adapter's memory would rise with the load until it ran.
+        self._task = asyncio.create_task(_cancel_on_disconnect(request.receive, call))
 
     def client_gone(self) -> bool:
         """After the call raised CancelledError: whether that was the client leaving (and not this
         task being cancelled, which must propagate)."""
+        watcher = self._task
+        disconnected = watcher.done() and not watcher.cancelled() and watcher.exception() is None and watcher.result()
         task = asyncio.current_task()
-        return self.disconnected and (task is None or task.cancelling() == 0)
+        return disconnected and (task is None or task.cancelling() == 0)
 
     def stop(self) -> None:
         self._task.cancel()
+
+
+async def _cancel_on_disconnect(receive, call: grpc.aio.Call) -> bool:
+    """Waits for the ASGI ``http.disconnect`` message, then cancels ``call``; True once it has."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    call.cancel()
+    return True
 
 
 async def unary_call(request: Request, method: grpc.aio.UnaryUnaryMultiCallable, message):
