@@ -16,7 +16,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    from chatrpc.logs import LOG_FORMATS
+
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default: %(default)s)")
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line with the access line's counts as fields (default: %(default)s)",
+    )
 
 
 def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_flag: str) -> None:
@@ -165,6 +173,78 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         default=5.0,
         help="seconds in-flight calls get to finish on shutdown (default: %(default)s)",
     )
+    _add_connection_flags(parser)
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    from service.grpc_settings import ConnectionSettings
+
+    defaults = ConnectionSettings()
+    group = parser.add_argument_group("gRPC connections", "keepalive, connection age, streams (grpc_settings.py)")
+    group.add_argument(
+        "--keepalive-time",
+        type=_positive_seconds,
+        default=defaults.keepalive_time,
+        metavar="SECONDS",
+        help="ping a connection quiet for this long (default: %(default)s)",
+    )
+    group.add_argument(
+        "--keepalive-timeout",
+        type=_positive_seconds,
+        default=defaults.keepalive_timeout,
+        metavar="SECONDS",
+        help="close a connection whose ping has no answer after this long (default: %(default)s)",
+    )
+    group.add_argument(
+        "--keepalive-permit-without-calls",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.permit_without_calls,
+        help="ping idle connections too, and accept clients' pings on them (default: on)",
+    )
+    group.add_argument(
+        "--keepalive-min-client-interval",
+        type=_positive_seconds,
+        default=defaults.min_client_ping_interval,
+        metavar="SECONDS",
+        help="a client pinging more often than this is told GOAWAY 'too_many_pings' (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-connection-age",
+        type=_non_negative_seconds,
+        default=defaults.max_connection_age,
+        metavar="SECONDS",
+        help="send GOAWAY to a connection this old, so that clients reconnect and reach replicas added since "
+        "(gRPC adds jitter; 0: never; default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-connection-age-grace",
+        type=_non_negative_seconds,
+        default=defaults.max_connection_age_grace,
+        metavar="SECONDS",
+        help="how long calls running on a connection past its age may go on; must outlast the longest stream "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-concurrent-streams",
+        type=_non_negative,
+        default=defaults.max_concurrent_streams,
+        metavar="N",
+        help="calls one connection may have open at once (0: gRPC's default, no limit; default: %(default)s)",
+    )
+
+
+def connection_settings(args: argparse.Namespace):
+    from service.grpc_settings import ConnectionSettings
+
+    return ConnectionSettings(
+        keepalive_time=args.keepalive_time,
+        keepalive_timeout=args.keepalive_timeout,
+        permit_without_calls=args.keepalive_permit_without_calls,
+        min_client_ping_interval=args.keepalive_min_client_interval,
+        max_connection_age=args.max_connection_age,
+        max_connection_age_grace=args.max_connection_age_grace,
+        max_concurrent_streams=args.max_concurrent_streams,
+    )
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser, *, service: bool) -> None:
@@ -234,6 +314,24 @@ def _positive(text: str) -> int:
     return _at_least(1, text)
 
 
+def _seconds(text: str, *, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {'at least 0' if allow_zero else 'above 0'}, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, allow_zero=False)
+
+
+def _non_negative_seconds(text: str) -> float:
+    return _seconds(text, allow_zero=True)
+
+
 def _non_negative(text: str) -> int:
     return _at_least(0, text)
 
@@ -298,12 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # llama.cpp's own log lines are detail; show them only when debugging.
-    logging.getLogger("llama.cpp").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
-
-
 def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
     from service.auth import keys_from_environment
     from service.bind_policy import check_bind_is_safe
@@ -343,6 +435,7 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
         insecure=args.insecure,
         grace_seconds=args.grace,
         limits=request_limits(args),
+        connection=connection_settings(args),
     )
 
     async def main() -> None:
@@ -402,7 +495,8 @@ def _serve(args: argparse.Namespace) -> None:
         command = [
             sys.executable, "-m", "chatrpc", "rest",
             "--host", args.rest_host, "--port", str(args.rest_port),
-            "--upstream", f"{upstream_host}:{args.grpc_port}", "--log-level", args.log_level, "--insecure",
+            "--upstream", f"{upstream_host}:{args.grpc_port}", "--log-level", args.log_level,
+            "--log-format", args.log_format, "--insecure",
             "--max-request-bytes", str(args.max_request_bytes),
         ]  # fmt: skip
         child.append(subprocess.Popen(command, env=os.environ.copy()))
@@ -421,7 +515,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    from chatrpc.logs import configure
+
+    configure(args.log_level, args.log_format)
     if args.command != "rest":
         from service.engine.openmp import bind_decode_threads
 

@@ -12,6 +12,7 @@ list, never by the key itself, so that no log, repr or error can carry a key.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Iterable, Sequence
@@ -90,6 +91,7 @@ class Tenants:
     def __init__(self, keys: Iterable[str]) -> None:
         keys = list(keys)
         self._checker = ApiKeyChecker(keys) if keys else None
+        self._fingerprints = {_tenant(index): key_fingerprint(key) for index, key in enumerate(keys)}
 
     def of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         if self._checker is None:
@@ -98,7 +100,21 @@ class Tenants:
         if index is None:
             # The interceptor lets no such call through; should one come, it is nobody's to queue.
             raise Unauthenticated(_REFUSED.message)
-        return f"key-{index}"
+        return _tenant(index)
+
+    def fingerprint(self, tenant: str) -> str | None:
+        """The fingerprint of the tenant's key (key_fingerprint), None with no keys configured."""
+        return self._fingerprints.get(tenant)
+
+
+def _tenant(index: int) -> str:
+    return f"key-{index}"
+
+
+def key_fingerprint(key: str) -> str:
+    """What logs say instead of a key: the start of its SHA-256, the same on every replica and
+    whatever the keys' order, from which the key cannot be recovered."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -44,16 +44,22 @@ def logprob_messages(entries: list[TokenLogprob]) -> list[chat_pb2.TokenLogprob]
     ]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> chat_pb2.Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> chat_pb2.Usage:
     return chat_pb2.Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=chat_pb2.PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
 def completion(
-    header: CompletionHeader, outputs: list[ChoiceOutput], *, prompt_tokens: int, with_logprobs: bool
+    header: CompletionHeader,
+    outputs: list[ChoiceOutput],
+    *,
+    prompt_tokens: int,
+    cached_tokens: int,
+    with_logprobs: bool,
 ) -> chat_pb2.ChatCompletion:
     choices = []
     for output in outputs:
@@ -69,7 +75,7 @@ def completion(
         created=header.created,
         model=header.model,
         choices=choices,
-        usage=usage(prompt_tokens, sum(o.completion_tokens for o in outputs)),
+        usage=usage(prompt_tokens, sum(o.completion_tokens for o in outputs), cached_tokens),
         system_fingerprint=header.system_fingerprint,
         service_tier="default",
     )
@@ -109,14 +115,16 @@ def chunk(
     )
 
 
-def usage_chunk(header: CompletionHeader, prompt_tokens: int, completion_tokens: int) -> chat_pb2.ChatCompletionChunk:
+def usage_chunk(
+    header: CompletionHeader, prompt_tokens: int, completion_tokens: int, cached_tokens: int
+) -> chat_pb2.ChatCompletionChunk:
     return chat_pb2.ChatCompletionChunk(
         id=header.id,
         object="chat.completion.chunk",
         created=header.created,
         model=header.model,
         choices=[],
-        usage=usage(prompt_tokens, completion_tokens),
+        usage=usage(prompt_tokens, completion_tokens, cached_tokens),
         system_fingerprint=header.system_fingerprint,
         service_tier="default",
     )

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from chatrpc.v1 import chat_pb2
 from service.auth import AuthInterceptor, Tenants
 from service.bind_policy import check_bind_is_safe
+from service.grpc_settings import ConnectionSettings
 from service.limits import RequestLimits
 from service.models import ModelRegistry
 from service.request_decoding import decode_chat_request
@@ -37,6 +38,7 @@ class GrpcServerConfig:
     insecure: bool = False
     grace_seconds: float = 5.0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
 
 
 def _add_chat_service(servicer: ChatCompletionsServicer, server: grpc.aio.Server) -> None:
@@ -73,6 +75,7 @@ async def serve(registry: ModelRegistry, config: GrpcServerConfig, *, ready: asy
             # Refused before it is decoded: the one size check that needs no field of the request.
             ("grpc.max_receive_message_length", config.limits.max_request_bytes),
             ("grpc.so_reuseport", 0),
+            *config.connection.server_options(),
         ],
     )
     servicer = ChatCompletionsServicer(registry, config.limits, tenants=Tenants(config.api_keys))

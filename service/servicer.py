@@ -16,6 +16,7 @@ import asyncio
 
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 from service import responses
+from service.access_log import CallRecord, access_logged
 from service.auth import Tenants
 from service.choice_output import ChoiceOutput
 from service.errors import reported_as_status
@@ -42,33 +43,49 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         served = self._registry.get(request.model)
         return checked, served, build_generation(checked, served.model, served.capabilities, served.constraints)
 
-    async def _start(self, request, context, *, streaming: bool):
+    async def _start(self, request, context, record: CallRecord, *, streaming: bool):
         model_id = None if isinstance(request, UndecodableRequest) else request.model
+        record.model = model_id
         tenant = self._tenants.of(context.invocation_metadata())
+        record.api_key = self._tenants.fingerprint(tenant)
         with self._registry.arriving(model_id, tenant):
             checked, served, generation = await asyncio.to_thread(self._prepare, request, streaming)
             stream = served.scheduler.submit(generation, tenant)
+        record.prompt_tokens = len(generation.prompt_tokens)
         header = responses.CompletionHeader.new(request.model, served.model.system_fingerprint)
         outputs = [ChoiceOutput(index, checked) for index in range(checked.n)]
         return checked, generation, stream, header, outputs
 
+    @staticmethod
+    def _finish(record: CallRecord, outputs: list[ChoiceOutput]) -> None:
+        record.completion_tokens = sum(output.completion_tokens for output in outputs)
+        record.finish_reasons = [output.finish_reason or "none" for output in outputs]
+
     @reported_as_status
-    async def CreateChatCompletion(self, request, context):  # noqa: N802 - gRPC method name
-        checked, generation, stream, header, outputs = await self._start(request, context, streaming=False)
+    @access_logged
+    async def CreateChatCompletion(self, request, context, record: CallRecord):  # noqa: N802 - gRPC method name
+        checked, generation, stream, header, outputs = await self._start(request, context, record, streaming=False)
         try:
             async for update in stream.updates():
                 if update.error is not None:
                     raise update.error
+                record.output_arrived(update.cached_tokens)
                 outputs[update.index].add(update)
         finally:
             stream.cancel()
+            self._finish(record, outputs)
         return responses.completion(
-            header, outputs, prompt_tokens=len(generation.prompt_tokens), with_logprobs=checked.sampling.logprobs
+            header,
+            outputs,
+            prompt_tokens=len(generation.prompt_tokens),
+            cached_tokens=record.cached_tokens,
+            with_logprobs=checked.sampling.logprobs,
         )
 
     @reported_as_status
-    async def StreamChatCompletion(self, request, context):  # noqa: N802
-        checked, generation, stream, header, outputs = await self._start(request, context, streaming=True)
+    @access_logged
+    async def StreamChatCompletion(self, request, context, record: CallRecord):  # noqa: N802
+        checked, generation, stream, header, outputs = await self._start(request, context, record, streaming=True)
         want_logprobs = checked.sampling.logprobs
         # A choice's role rides on its first chunk, which goes out with its first text, once the
         # prompt is prefilled: a failure before any token is then a plain error status (an HTTP
@@ -80,6 +97,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
             async for update in stream.updates():
                 if update.error is not None:
                     raise update.error
+                record.output_arrived(update.cached_tokens)
                 piece = outputs[update.index].add(update)
                 logprobs = piece.logprobs if want_logprobs else None
                 if piece.text or piece.tool_calls or logprobs or piece.finish_reason is not None:
@@ -91,9 +109,12 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
                     )  # fmt: skip
             if checked.include_usage:
                 completion_tokens = sum(o.completion_tokens for o in outputs)
-                yield responses.usage_chunk(header, len(generation.prompt_tokens), completion_tokens)
+                yield responses.usage_chunk(
+                    header, len(generation.prompt_tokens), completion_tokens, record.cached_tokens
+                )
         finally:
             stream.cancel()
+            self._finish(record, outputs)
 
     async def ListModels(self, request, context):  # noqa: N802
         return chat_pb2.ModelList(

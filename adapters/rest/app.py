@@ -63,6 +63,8 @@ def run(host: str, port: int, upstream: str, *, max_request_bytes: int, log_leve
         port=port,
         log_level=log_level,
         lifespan="on",
+        # chatrpc/logs.py has configured the root logger (text or JSON); uvicorn's loggers go there.
+        log_config=None,
         loop="uvloop",
         http="httptools",
     )

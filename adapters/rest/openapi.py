@@ -471,7 +471,7 @@ _ADAPTER_ERRORS = {
     413: "A body larger than the server's --max-request-bytes, refused before it is read, or a request over the "
     "service's message limit: type `invalid_request_error`, code `request_too_large`.",
     500: "Anything unexpected: type `server_error`.",
-    503: "The adapter's own: GET /health while the service is not serving.",
+    503: "The adapter's own: GET /health or /health/ready while the service is not serving.",
 }
 
 
@@ -487,6 +487,18 @@ def _error_statuses() -> dict[int, str]:
     for status, text in _ADAPTER_ERRORS.items():
         by_status.setdefault(status, []).append(text)
     return {status: " ".join(by_status[status]) for status in sorted(by_status)}
+
+
+def _health_path(operation: str, summary: str, answer: str, *, with_503: bool) -> dict:
+    ok = {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}
+    return {
+        "get": {
+            "operationId": operation,
+            "summary": summary,
+            "security": [],
+            "responses": {"200": _answer(answer, ok), **(_error_responses([503]) if with_503 else {})},
+        }
+    }
 
 
 def _error_schema() -> JsonSchema:
@@ -594,24 +606,19 @@ def build() -> dict:
                 "responses": {"200": _answer("The model.", model), **_error_responses(service_errors)},
             }
         },
-        "/health": {
-            "get": {
-                "operationId": "health",
-                "summary": "Whether the chat service behind the adapter is serving.",
-                "security": [],
-                "responses": {
-                    "200": _answer(
-                        "It is serving.",
-                        {
-                            "type": "object",
-                            "properties": {"status": {"const": "ok"}},
-                            "required": ["status"],
-                        },
-                    ),
-                    **_error_responses([503]),
-                },
-            }
-        },
+        "/health": _health_path(
+            "health", "Whether the gRPC server behind the adapter is serving.", "It is serving.", with_503=True
+        ),
+        "/health/ready": _health_path(
+            "ready",
+            "Whether the chat service behind the adapter takes requests: its models are loaded and it is not "
+            "draining (a readiness probe).",
+            "It takes requests.",
+            with_503=True,
+        ),
+        "/health/live": _health_path(
+            "live", "Whether the adapter's process answers (a liveness probe).", "It answers.", with_503=False
+        ),
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",

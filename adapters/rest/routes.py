@@ -17,7 +17,14 @@ from adapters.rest.body import BodyReader
 from adapters.rest.errors import RETRY_AFTER_SECONDS, APIError, internal_error, method_not_allowed, not_found_route
 from adapters.rest.sse import stream_chat_completion
 from adapters.rest.translate import chat_completion_to_json, encode, model_list_to_json, model_to_json
-from adapters.rest.upstream import REQUEST_ID_HEADER, ClientDisconnected, Upstream, request_id, unary_call
+from adapters.rest.upstream import (
+    CHAT_SERVICE,
+    REQUEST_ID_HEADER,
+    ClientDisconnected,
+    Upstream,
+    request_id,
+    unary_call,
+)
 from chatrpc.v1 import chat_pb2
 
 _LIST_MODELS = chat_pb2.ListModelsRequest()
@@ -58,8 +65,25 @@ async def retrieve_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """The whole gRPC server's health, as it reports it."""
+    return await _answer_health(request, "")
+
+
+async def ready(request: Request) -> Response:
+    """Ready to take chat requests: the chat service reports SERVING once its models are loaded, and
+    NOT_SERVING from the moment it starts to drain. A readiness probe (Kubernetes) points here."""
+    return await _answer_health(request, CHAT_SERVICE)
+
+
+async def live(request: Request) -> Response:
+    """The adapter's process answers; says nothing of the service (a liveness probe that followed
+    the service would restart adapters for the service's faults)."""
+    return _json(request, {"status": "ok"})
+
+
+async def _answer_health(request: Request, service: str) -> Response:
     upstream = _upstream(request)
-    if await upstream.is_serving():
+    if await upstream.is_serving(service):
         return _json(request, {"status": "ok"})
     raise APIError(
         503,
@@ -80,6 +104,8 @@ ROUTES = [
     # Model ids may contain slashes ("google/gemma-3-270m").
     Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/health/ready", ready, methods=["GET"]),
+    Route("/health/live", live, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),
 ]
 

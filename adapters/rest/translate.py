@@ -479,6 +479,7 @@ def _usage(usage: pb.Usage) -> dict:
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.prompt_tokens_details.cached_tokens},
     }
 
 

@@ -1,9 +1,9 @@
 """The gRPC service behind the adapter: one shared channel, per-call metadata, and cancellation.
 
 Every HTTP request that reaches the service makes one gRPC call on the channel opened at startup.
-The call carries the client's ``Authorization`` header unchanged (the service checks keys) and
-nothing else: the request id belongs to the HTTP answer (the service reads none, and a metadata
-entry is work for both gRPC stacks on every request). The call is cancelled as soon as the HTTP
+The call carries the client's ``Authorization`` header unchanged (the service checks keys) and the
+request id that the HTTP answer echoes (the client's ``X-Request-Id`` or a new one), which the
+service writes on its log lines about the call. The call is cancelled as soon as the HTTP
 client disconnects: a watcher task waits for the ASGI ``http.disconnect`` message, which the server
 sends only once the client is gone (the body has already been read), and cancels the call.
 
@@ -25,13 +25,16 @@ from starlette.requests import Request
 
 from adapters.rest.errors import APIError, from_rpc_error
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
-from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY
+from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY, REQUEST_ID_METADATA_KEY
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_SCOPE_KEY = "chatrpc.request_id"
-_HEALTH_CHECK = health_pb2.HealthCheckRequest(service="")
+# Longer ids are replaced by a new one, as the service does (service/access_log.py).
+_MAX_REQUEST_ID_LENGTH = 128
+_WHOLE_SERVER = ""
 _SERVING = health_pb2.HealthCheckResponse.SERVING
-_CHAT_METHOD = "/" + chat_pb2.DESCRIPTOR.services_by_name["ChatCompletions"].full_name + "/{}"
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatCompletions"].full_name
+_CHAT_METHOD = "/" + CHAT_SERVICE + "/{}"
 # gRPC's default back-off between attempts to reconnect grows to two minutes: after a restart of the
 # service the adapter would go on answering 503 for as long. The service is one known address, and an
 # attempt on it costs one connect.
@@ -71,10 +74,11 @@ class Upstream:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def is_serving(self, timeout: float = 2.0) -> bool:
-        """Whether the service's standard health check for the whole server ("") says SERVING."""
+    async def is_serving(self, service: str = _WHOLE_SERVER, timeout: float = 2.0) -> bool:
+        """Whether the service's standard health check says SERVING for ``service`` ("": the whole
+        server; the service sets its chat service's status once its models are loaded)."""
         try:
-            response = await self._health.Check(_HEALTH_CHECK, timeout=timeout)
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.aio.AioRpcError:
             return False
         return response.status == _SERVING
@@ -91,24 +95,25 @@ def request_id(request: Request) -> str:
     value = scope.get(_REQUEST_ID_SCOPE_KEY)
     if value is None:
         value = request.headers.get(REQUEST_ID_HEADER)
-        if not value or not _valid_metadata_value(value):
+        if not value or len(value) > _MAX_REQUEST_ID_LENGTH or not _valid_metadata_value(value):
             value = f"req_{uuid.uuid4().hex}"
         scope[_REQUEST_ID_SCOPE_KEY] = value
     return value
 
 
-def call_metadata(request: Request) -> tuple[tuple[str, str], ...] | None:
-    """gRPC metadata for a call made on behalf of ``request``: its credentials, if any."""
+def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for a call made on behalf of ``request``: its request id and credentials."""
+    identity = (REQUEST_ID_METADATA_KEY, request_id(request))
     authorization = request.headers.get("authorization")
     if authorization is None:
-        return None
+        return (identity,)
     if not _valid_metadata_value(authorization):
         raise APIError(
             401,
             "The Authorization header holds characters that an API key cannot contain.",
             code="invalid_api_key",
         )
-    return ((AUTHORIZATION_METADATA_KEY, authorization),)
+    return (identity, (AUTHORIZATION_METADATA_KEY, authorization))
 
 
 class DisconnectWatch:

@@ -32,6 +32,9 @@ class ChatCompletionsStub:
     An INVALID_ARGUMENT status names the request parameter at fault, in the REST
     spelling (`temperature`, `messages[2].content`), in the trailing metadata key
     `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
+    A chat call may carry `x-request-id` metadata (printable ASCII, at most 128
+    characters); the server uses it, or makes one, in its logs and returns it in
+    the initial metadata (chatrpc/v1/wire.py: REQUEST_ID_METADATA_KEY).
     """
 
     def __init__(self, channel):
@@ -64,6 +67,9 @@ class ChatCompletionsServicer:
     An INVALID_ARGUMENT status names the request parameter at fault, in the REST
     spelling (`temperature`, `messages[2].content`), in the trailing metadata key
     `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
+    A chat call may carry `x-request-id` metadata (printable ASCII, at most 128
+    characters); the server uses it, or makes one, in its logs and returns it in
+    the initial metadata (chatrpc/v1/wire.py: REQUEST_ID_METADATA_KEY).
     """
 
     def CreateChatCompletion(self, request, context):
@@ -120,6 +126,9 @@ class ChatCompletions:
     An INVALID_ARGUMENT status names the request parameter at fault, in the REST
     spelling (`temperature`, `messages[2].content`), in the trailing metadata key
     `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
+    A chat call may carry `x-request-id` metadata (printable ASCII, at most 128
+    characters); the server uses it, or makes one, in its logs and returns it in
+    the initial metadata (chatrpc/v1/wire.py: REQUEST_ID_METADATA_KEY).
     """
 
     @staticmethod

@@ -1,7 +1,7 @@
 """The wire-level names of chatrpc.v1 that generated code does not carry, written once for the
 service and the REST adapter alike (protos/chatrpc/v1/chat.proto documents each of them).
 
-- The metadata key of the API key, and the trailing metadata key of an error status that names
+- The metadata keys of the API key and of the request id, and the trailing metadata key of an error status that names
   the request parameter at fault.
 - The JSON spelling of every enum value: its name without the enum's prefix, in lower case
   (`ROLE_USER` is "user", `FINISH_REASON_TOOL_CALLS` is "tool_calls"); `*_UNSPECIFIED` has none.
@@ -16,6 +16,11 @@ from chatrpc.v1 import chat_pb2
 
 # The call metadata that carries the client's API key, as `Bearer <key>` (HTTP's Authorization header).
 AUTHORIZATION_METADATA_KEY = "authorization"
+
+# The request id: the REST adapter sends its HTTP request's (the client's `X-Request-Id`, or one it
+# made); the service uses it, or makes one for a gRPC client that sent none, and returns it in the
+# call's initial metadata.
+REQUEST_ID_METADATA_KEY = "x-request-id"
 
 # An INVALID_ARGUMENT status names the offending parameter in this trailing metadata key, in the
 # REST spelling (`temperature`, `messages[2].content`); the REST adapter returns it as `param`.

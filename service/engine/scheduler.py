@@ -275,7 +275,7 @@ class Scheduler:
             # Choice 0 prefills the prompt; the other choices get a copy of its KV, whatever they held.
             prompt = None if sequence.awaiting_fork else sequence.generation.prompt_tokens
             sequence.seq_id, reused = self.slots.acquire(prompt)
-            sequence.prefilled = sequence.n_past = sequence.reusable = reused
+            sequence.prefilled = sequence.n_past = sequence.reusable = sequence.cached_tokens = reused
             self._active.append(sequence)
         try:
             for sequence in request:

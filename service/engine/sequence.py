@@ -44,6 +44,9 @@ class SequenceUpdate:
     completion_tokens: int
     error: ServiceError | None = None
     index: int = 0  # the choice this update belongs to
+    # Prompt tokens whose KV came from the prefix cache instead of a prefill: choice 0's (the other
+    # choices copy its KV, and report 0).
+    cached_tokens: int = 0
 
 
 def merged(updates: list[SequenceUpdate]) -> SequenceUpdate:
@@ -58,6 +61,7 @@ def merged(updates: list[SequenceUpdate]) -> SequenceUpdate:
         finish_reason=last.finish_reason,
         completion_tokens=last.completion_tokens,
         index=last.index,
+        cached_tokens=last.cached_tokens,
     )
 
 
@@ -87,6 +91,7 @@ class Sequence:
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.n_past = 0  # tokens of this sequence in the KV cache, prompt and generated
         self.reusable = 0  # leading prompt tokens whose KV a later request may reuse (PrefixCache)
+        self.cached_tokens = 0  # leading prompt tokens whose KV was reused from an earlier request
         self.last_token: int | None = None
         self.generated = 0
         self.output_tokens: list[int] = []  # every token accepted, end token included
@@ -142,5 +147,10 @@ class Sequence:
         if finish is not None:
             self.finished = True
         return SequenceUpdate(
-            text=text, logprobs=logprobs, finish_reason=finish, completion_tokens=self.generated, index=self.index
+            text=text,
+            logprobs=logprobs,
+            finish_reason=finish,
+            completion_tokens=self.generated,
+            index=self.index,
+            cached_tokens=self.cached_tokens,
         )

@@ -145,6 +145,20 @@ def test_multi_turn_conversation_and_echoed_message(openai_client):
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens - 1
 
 
+def test_cached_tokens_count_the_prompt_prefix_served_from_the_cache(openai_client):
+    # A system prompt of several prefill chunks that no other test sends: its first request
+    # prefills it all; the next turn finds its KV in the slot the first one freed.
+    system = {"role": "system", "content": "Cached-tokens check. " + "The sea is calm and blue today. " * 120}
+    first = chat(openai_client, messages=[system, *QUESTION], temperature=0, max_tokens=4)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    history = [system, *QUESTION, first.choices[0].message.model_dump(), {"role": "user", "content": "And Italy?"}]
+    chunks = stream(openai_client, messages=history, max_tokens=4, stream_options={"include_usage": True})
+    usage = chunks[-1].usage
+    assert 0 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+    # Served from the cache: at least the system prompt's whole chunks.
+    assert usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // 256 * 256 - 256
+
+
 # ---------------------------------------------------------------------------
 # Streaming
 # ---------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def test_models_health_and_errors_conform(server, http):
     checked("GET", "/v1/models", http.get("/v1/models"))
     checked("GET", "/v1/models/{model}", http.get(f"/v1/models/{MODEL_ID}"))
     assert checked("GET", "/v1/models/{model}", http.get("/v1/models/no/such/model")).status_code == 404
-    checked("GET", "/health", http.get("/health"))
+    for path in ("/health", "/health/ready", "/health/live"):
+        checked("GET", path, http.get(path))
     unauthorized = httpx.post(f"{root_url(server)}{CHAT}", json=chat(), headers={"Authorization": "Bearer wrong"})
     assert checked("POST", CHAT, unauthorized).status_code == 401
 

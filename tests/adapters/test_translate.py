@@ -536,7 +536,12 @@ def _completion(**choice_fields) -> pb.ChatCompletion:
         created=1_700_000_000,
         model="m",
         choices=[pb.Choice(index=0, **choice_fields)],
-        usage=pb.Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
+        usage=pb.Usage(
+            prompt_tokens=5,
+            completion_tokens=2,
+            total_tokens=7,
+            prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=3),
+        ),
         system_fingerprint="fp_1",
     )
 
@@ -558,7 +563,12 @@ def test_chat_completion_shape():
                 "finish_reason": "stop",
             }
         ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        "usage": {
+            "prompt_tokens": 5,
+            "completion_tokens": 2,
+            "total_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": 3},
+        },
         "system_fingerprint": "fp_1",
         "service_tier": None,
     }
@@ -683,7 +693,12 @@ def test_usage_null_in_every_chunk_and_set_in_the_last_when_included():
     assert middle["usage"] is None
     usage_chunk = chunk_to_json(_chunk(usage=pb.Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)), True)
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 2,
+        "total_tokens": 3,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_tool_call_deltas():

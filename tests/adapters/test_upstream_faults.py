@@ -104,6 +104,8 @@ def test_killed_service_ends_the_stream_with_an_error_and_the_adapter_recovers(t
                     assert_retry_later(http.post("/v1/chat/completions", json=body), 503, "service_unavailable")
                     assert time.monotonic() - start < REFUSAL_WITHIN
                 assert http.get("/health").status_code == 503
+                assert http.get("/health/ready").status_code == 503
+                assert http.get("/health/live").status_code == 200
                 time.sleep(0.5)
 
             # The same port again: the adapter serves again by itself, soon after the service does.

@@ -111,7 +111,10 @@ def test_sigterm_refuses_new_calls_lets_streams_finish_and_exits_0(tmp_path):
                 stub.CreateChatCompletion(grpc_request(1), metadata=metadata, timeout=REFUSED_WITHIN)
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value
             with httpx.Client(base_url=server.rest_base_url, headers=headers, timeout=REFUSED_WITHIN) as http:
-                assert http.get(server.rest_base_url.removesuffix("/v1") + "/health").status_code == 503
+                root = server.rest_base_url.removesuffix("/v1")
+                assert http.get(root + "/health").status_code == 503
+                assert http.get(root + "/health/ready").status_code == 503  # draining: no new requests
+                assert http.get(root + "/health/live").status_code == 200  # but the adapter is not dead
                 for body in (rest_body(1), {**rest_body(1), "stream": False}):
                     refused = http.post("/chat/completions", json=body)
                     assert refused.status_code == 503, refused.text

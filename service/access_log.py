@@ -1,0 +1,149 @@
+"""One access line per chat call, and the request id that ties it to the client's.
+
+A call's id is the client's `x-request-id` metadata (the REST adapter always sends its HTTP
+request's) or, when a gRPC client sends none or one that is not printable ASCII of at most
+`MAX_REQUEST_ID_LENGTH` characters, a new `req_<32 hex>`. The service returns it in the call's
+initial metadata, and every log line written while the call is handled carries it (chatrpc/logs.py).
+
+When the call ends, one line at INFO on the `chatrpc.access` logger says who (the API key's
+fingerprint, never the key), what (method, model), how much (prompt, cached and completion tokens),
+how long (time to first token, duration) and how it ended (finish reasons, gRPC status). The
+request's and the answer's text are never in it; with --log-format json each of these is a field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from chatrpc.logs import bind_request_id
+from chatrpc.v1.wire import REQUEST_ID_METADATA_KEY
+from service.errors import ServiceError
+
+ACCESS_LOGGER = logging.getLogger("chatrpc.access")
+# Longer ids are replaced, not cut: a cut id would no longer match the client's own.
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The client's request id from the call's metadata if it is usable, else a new one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_METADATA_KEY:
+            if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_LENGTH and value.isprintable():
+                return value  # gRPC metadata values are ASCII already
+            break
+    return new_request_id()
+
+
+@dataclass
+class CallRecord:
+    """What one call's access line reports; the servicer fills in the counts as it learns them."""
+
+    request_id: str
+    method: str
+    api_key: str | None = None  # the caller's key's fingerprint (service/auth.py)
+    started: float = field(default_factory=time.monotonic)
+    model: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    first_token: float | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    status: str = "OK"
+
+    def output_arrived(self, cached_tokens: int) -> None:
+        """An update of the engine's came: the first one's time is the time to first token."""
+        if self.first_token is None:
+            self.first_token = time.monotonic()
+        self.cached_tokens = max(self.cached_tokens, cached_tokens)
+
+    def fields(self) -> dict[str, Any]:
+        ended = time.monotonic()
+        return {
+            "request_id": self.request_id,
+            "method": self.method,
+            "model": self.model,
+            "api_key": self.api_key,
+            "status": self.status,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reasons": self.finish_reasons,
+            "ttft_ms": None if self.first_token is None else round((self.first_token - self.started) * 1000, 1),
+            "duration_ms": round((ended - self.started) * 1000, 1),
+        }
+
+    def emit(self) -> None:
+        if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            return
+        values = self.fields()
+        ACCESS_LOGGER.info(
+            "%s %s model=%s key=%s status=%s prompt=%d cached=%d completion=%d finish=%s ttft_ms=%s duration_ms=%s",
+            values["request_id"], values["method"], values["model"], values["api_key"], values["status"],
+            values["prompt_tokens"], values["cached_tokens"], values["completion_tokens"],
+            ",".join(values["finish_reasons"]) or "-", values["ttft_ms"], values["duration_ms"],
+            extra=values,
+        )  # fmt: skip
+
+
+def _status_of(error: BaseException) -> str:
+    if isinstance(error, ServiceError):
+        return error.code.name
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED.name  # the client cancelled, or its deadline passed
+    return grpc.StatusCode.UNKNOWN.name
+
+
+def access_logged(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps a servicer method, unary or streaming, that takes a `CallRecord` after its context:
+    gives the call its request id (returned in the initial metadata, and on every log line written
+    meanwhile) and writes its access line when it ends."""
+    method = handler.__name__
+
+    async def begin(context: grpc.aio.ServicerContext) -> CallRecord:
+        record = CallRecord(request_id_of(context.invocation_metadata()), method)
+        bind_request_id(record.request_id)
+        await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, record.request_id),))
+        return record
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def streaming(self, request, context):
+            record = await begin(context)
+            try:
+                async for item in handler(self, request, context, record):
+                    yield item
+            except BaseException as error:
+                record.status = _status_of(error)
+                raise
+            finally:
+                record.emit()
+
+        return streaming
+
+    @functools.wraps(handler)
+    async def unary(self, request, context):
+        record = await begin(context)
+        try:
+            return await handler(self, request, context, record)
+        except BaseException as error:
+            record.status = _status_of(error)
+            raise
+        finally:
+            record.emit()
+
+    return unary
