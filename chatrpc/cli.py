@@ -176,75 +176,78 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     _add_connection_flags(parser)
 
 
+# (flag, ConnectionSettings field, type, what it does): service/grpc_settings.py says why each exists.
+_CONNECTION_FLAGS = (
+    ("--keepalive-time", "keepalive_time", "positive seconds", "ping a connection quiet for this long"),
+    (
+        "--keepalive-timeout",
+        "keepalive_timeout",
+        "positive seconds",
+        "close a connection whose ping has no answer after this long",
+    ),
+    (
+        "--keepalive-min-client-interval",
+        "min_client_ping_interval",
+        "positive seconds",
+        "a client pinging more often than this is told GOAWAY 'too_many_pings'",
+    ),
+    (
+        "--max-connection-age",
+        "max_connection_age",
+        "seconds",
+        "send GOAWAY to a connection this old, so that clients reconnect and reach replicas added since (gRPC adds "
+        "jitter; 0: never)",
+    ),
+    (
+        "--max-connection-age-grace",
+        "max_connection_age_grace",
+        "seconds",
+        "how long calls running on a connection past its age may go on; must outlast the longest stream",
+    ),
+    (
+        "--max-concurrent-streams",
+        "max_concurrent_streams",
+        "count",
+        "calls one connection may have open at once (0: gRPC's default, no limit)",
+    ),
+)
+
+
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     from service.grpc_settings import ConnectionSettings
 
     defaults = ConnectionSettings()
     group = parser.add_argument_group("gRPC connections", "keepalive, connection age, streams (grpc_settings.py)")
-    group.add_argument(
-        "--keepalive-time",
-        type=_positive_seconds,
-        default=defaults.keepalive_time,
-        metavar="SECONDS",
-        help="ping a connection quiet for this long (default: %(default)s)",
-    )
-    group.add_argument(
-        "--keepalive-timeout",
-        type=_positive_seconds,
-        default=defaults.keepalive_timeout,
-        metavar="SECONDS",
-        help="close a connection whose ping has no answer after this long (default: %(default)s)",
-    )
+    kinds = {
+        "positive seconds": (_positive_seconds, "SECONDS"),
+        "seconds": (_non_negative_seconds, "SECONDS"),
+        "count": (_non_negative, "N"),
+    }
+    for flag, field, kind, what in _CONNECTION_FLAGS:
+        parse, metavar = kinds[kind]
+        group.add_argument(
+            flag,
+            dest=field,
+            type=parse,
+            default=getattr(defaults, field),
+            metavar=metavar,
+            help=f"{what} (default: %(default)s)",
+        )
     group.add_argument(
         "--keepalive-permit-without-calls",
+        dest="permit_without_calls",
         action=argparse.BooleanOptionalAction,
         default=defaults.permit_without_calls,
         help="ping idle connections too, and accept clients' pings on them (default: on)",
     )
-    group.add_argument(
-        "--keepalive-min-client-interval",
-        type=_positive_seconds,
-        default=defaults.min_client_ping_interval,
-        metavar="SECONDS",
-        help="a client pinging more often than this is told GOAWAY 'too_many_pings' (default: %(default)s)",
-    )
-    group.add_argument(
-        "--max-connection-age",
-        type=_non_negative_seconds,
-        default=defaults.max_connection_age,
-        metavar="SECONDS",
-        help="send GOAWAY to a connection this old, so that clients reconnect and reach replicas added since "
-        "(gRPC adds jitter; 0: never; default: %(default)s)",
-    )
-    group.add_argument(
-        "--max-connection-age-grace",
-        type=_non_negative_seconds,
-        default=defaults.max_connection_age_grace,
-        metavar="SECONDS",
-        help="how long calls running on a connection past its age may go on; must outlast the longest stream "
-        "(default: %(default)s)",
-    )
-    group.add_argument(
-        "--max-concurrent-streams",
-        type=_non_negative,
-        default=defaults.max_concurrent_streams,
-        metavar="N",
-        help="calls one connection may have open at once (0: gRPC's default, no limit; default: %(default)s)",
-    )
 
 
 def connection_settings(args: argparse.Namespace):
+    from dataclasses import fields
+
     from service.grpc_settings import ConnectionSettings
 
-    return ConnectionSettings(
-        keepalive_time=args.keepalive_time,
-        keepalive_timeout=args.keepalive_timeout,
-        permit_without_calls=args.keepalive_permit_without_calls,
-        min_client_ping_interval=args.keepalive_min_client_interval,
-        max_connection_age=args.max_connection_age,
-        max_connection_age_grace=args.max_connection_age_grace,
-        max_concurrent_streams=args.max_concurrent_streams,
-    )
+    return ConnectionSettings(**{field.name: getattr(args, field.name) for field in fields(ConnectionSettings)})
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser, *, service: bool) -> None:
