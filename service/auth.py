@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 
 from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY
+from service.access_log import CallRecord, request_id_of
 from service.errors import Unauthenticated, abort_with
 
 # Health checks are answered without a key, as orchestrators expect; reflection is the API's schema.
@@ -140,6 +141,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         if self._checker.is_valid(authorization_of(handler_call_details.invocation_metadata)):
             return await continuation(handler_call_details)
+        # The servicer never sees this call, so its access line is written here (refusals in a
+        # burst are how a guessed or leaked key shows in the logs).
+        refused = CallRecord(request_id_of(handler_call_details.invocation_metadata), method.rpartition("/")[2])
+        refused.status = _REFUSED.code.name
+        refused.emit()
         handler = await continuation(handler_call_details)
         if handler is not None and handler.response_streaming:
             return self._refuse_stream

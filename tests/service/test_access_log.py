@@ -147,3 +147,14 @@ def test_rest_request_id_reaches_the_service_and_comes_back(json_server):
         assert NEW_ID.fullmatch(made)
         assert access_line(json_server, made)["method"] == "StreamChatCompletion"
     assert SECRET_PROMPT not in json_server.log()
+
+
+def test_a_call_refused_for_its_key_has_an_access_line_without_the_key(json_server, stub):
+    wrong = (("authorization", "Bearer not-the-key-5150"), ("x-request-id", "bad-key-1"))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.CreateChatCompletion(request(), metadata=wrong, timeout=120)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    line = access_line(json_server, "bad-key-1")
+    assert line["status"] == "UNAUTHENTICATED" and line["method"] == "CreateChatCompletion"
+    assert line["api_key"] is None and line["prompt_tokens"] == 0
+    assert "not-the-key-5150" not in json_server.log()
