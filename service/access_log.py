@@ -1,8 +1,8 @@
 """One access line per chat call, and the request id that ties it to the client's.
 
 A call's id is the client's `x-request-id` metadata (the REST adapter always sends its HTTP
-request's) or, when a gRPC client sends none or one that is not printable ASCII of at most
-`MAX_REQUEST_ID_LENGTH` characters, a new `req_<32 hex>`. The service returns it in the call's
+request's) or, when a gRPC client sends none or one that is not usable (chatrpc/v1/wire.py:
+`usable_request_id`), a new `req_<32 hex>`. The service returns it in the call's
 initial metadata, and every log line written while the call is handled carries it (chatrpc/logs.py).
 
 When the call ends, one line at INFO on the `chatrpc.access` logger says who (the API key's
@@ -18,7 +18,6 @@ import functools
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,24 +25,18 @@ from typing import Any
 import grpc
 
 from chatrpc.logs import bind_request_id
-from chatrpc.v1.wire import REQUEST_ID_METADATA_KEY
+from chatrpc.v1.wire import REQUEST_ID_METADATA_KEY, new_request_id, usable_request_id
 from service.errors import ServiceError
 
 ACCESS_LOGGER = logging.getLogger("chatrpc.access")
-# Longer ids are replaced, not cut: a cut id would no longer match the client's own.
-MAX_REQUEST_ID_LENGTH = 128
-
-
-def new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex}"
 
 
 def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     """The client's request id from the call's metadata if it is usable, else a new one."""
     for key, value in metadata or ():
         if key == REQUEST_ID_METADATA_KEY:
-            if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_LENGTH and value.isprintable():
-                return value  # gRPC metadata values are ASCII already
+            if isinstance(value, str) and usable_request_id(value):
+                return value
             break
     return new_request_id()
 

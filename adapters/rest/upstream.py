@@ -15,7 +15,6 @@ apart, so that the adapter serves again about as soon as the service does.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,12 +24,10 @@ from starlette.requests import Request
 
 from adapters.rest.errors import APIError, from_rpc_error
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
-from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY, REQUEST_ID_METADATA_KEY
+from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY, REQUEST_ID_METADATA_KEY, new_request_id, usable_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_SCOPE_KEY = "chatrpc.request_id"
-# Longer ids are replaced by a new one, as the service does (service/access_log.py).
-_MAX_REQUEST_ID_LENGTH = 128
 _WHOLE_SERVER = ""
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatCompletions"].full_name
@@ -95,8 +92,8 @@ def request_id(request: Request) -> str:
     value = scope.get(_REQUEST_ID_SCOPE_KEY)
     if value is None:
         value = request.headers.get(REQUEST_ID_HEADER)
-        if not value or len(value) > _MAX_REQUEST_ID_LENGTH or not _valid_metadata_value(value):
-            value = f"req_{uuid.uuid4().hex}"
+        if not usable_request_id(value):
+            value = new_request_id()
         scope[_REQUEST_ID_SCOPE_KEY] = value
     return value
 

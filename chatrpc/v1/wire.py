@@ -6,9 +6,12 @@ service and the REST adapter alike (protos/chatrpc/v1/chat.proto documents each 
 - The JSON spelling of every enum value: its name without the enum's prefix, in lower case
   (`ROLE_USER` is "user", `FINISH_REASON_TOOL_CALLS` is "tool_calls"); `*_UNSPECIFIED` has none.
 - The number of choices a request asks for when it leaves `n` out.
+- Which request ids a client may choose, and the form of those the server makes.
 """
 
 from __future__ import annotations
+
+import uuid
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
@@ -21,6 +24,8 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 # made); the service uses it, or makes one for a gRPC client that sent none, and returns it in the
 # call's initial metadata.
 REQUEST_ID_METADATA_KEY = "x-request-id"
+# Longer ids are replaced, not cut: a cut id would no longer match the client's own.
+MAX_REQUEST_ID_LENGTH = 128
 
 # An INVALID_ARGUMENT status names the offending parameter in this trailing metadata key, in the
 # REST spelling (`temperature`, `messages[2].content`); the REST adapter returns it as `param`.
@@ -54,3 +59,13 @@ RESPONSE_FORMAT_TYPES = {name: value for value, name in RESPONSE_FORMAT_TYPE_NAM
 def requested_choices(request: chat_pb2.ChatCompletionRequest) -> int:
     """How many choices the request asks for (`n`, or its default)."""
     return request.n if request.HasField("n") else DEFAULT_CHOICES
+
+
+def usable_request_id(value: str | None) -> bool:
+    """Whether a client's request id is kept as it is: printable ASCII, 1 to MAX_REQUEST_ID_LENGTH
+    characters (what gRPC metadata can carry); any other is replaced by `new_request_id()`."""
+    return bool(value) and len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable()
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
