@@ -56,6 +56,12 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     )
     group.add_argument("--insecure", action="store_true", help="allow a non-loopback address without API keys")
     group.add_argument(
+        "--metrics-port",
+        type=_non_negative,
+        default=9464,
+        help="port of the service's Prometheus /metrics, on the gRPC server's address (0: none; default: %(default)s)",
+    )
+    group.add_argument(
         "--ctx-size",
         type=_positive,
         default=4096,
@@ -369,6 +375,122 @@ def _add_rest_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     )
 
 
+def _pem_file(path: str):
+    """A PEM file flag's value, read now: argparse names the flag when the file cannot be used."""
+    from chatrpc.tls import PemFile, TLSFileError
+
+    try:
+        return PemFile.read(path)
+    except TLSFileError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_grpc_tls_flags(parser: argparse.ArgumentParser, *, prefix: str) -> None:
+    """The gRPC server's certificate; `serve` names them --grpc-tls-*, as its --tls-* are the adapter's."""
+    group = parser.add_argument_group("gRPC TLS", "the service's certificate, and client certificates (mTLS)")
+    group.add_argument(
+        f"{prefix}tls-cert",
+        dest="grpc_tls_cert",
+        type=_pem_file,
+        metavar="FILE",
+        help=f"PEM certificate chain of the gRPC server, which then speaks TLS only (needs {prefix}tls-key)",
+    )
+    group.add_argument(
+        f"{prefix}tls-key", dest="grpc_tls_key", type=_pem_file, metavar="FILE", help="its PEM private key"
+    )
+    group.add_argument(
+        f"{prefix}tls-client-ca",
+        dest="grpc_tls_client_ca",
+        type=_pem_file,
+        metavar="FILE",
+        help="require every client to present a certificate issued by this PEM CA (mTLS); a non-loopback address "
+        "then needs no API keys",
+    )
+
+
+def _add_rest_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """The REST adapter's HTTPS certificate, and how it reaches a service that speaks TLS."""
+    group = parser.add_argument_group("REST TLS", "the adapter's HTTPS certificate")
+    group.add_argument(
+        "--tls-cert",
+        dest="rest_tls_cert",
+        type=_pem_file,
+        metavar="FILE",
+        help="PEM certificate chain of the REST adapter, which then serves HTTPS only (needs --tls-key)",
+    )
+    group.add_argument("--tls-key", dest="rest_tls_key", type=_pem_file, metavar="FILE", help="its PEM private key")
+    group = parser.add_argument_group("REST adapter to gRPC service", "TLS and mTLS on the adapter's channel")
+    group.add_argument(
+        "--upstream-ca",
+        type=_pem_file,
+        metavar="FILE",
+        help="reach the gRPC service over TLS, trusting the PEM CA that issued its certificate",
+    )
+    group.add_argument(
+        "--upstream-cert",
+        type=_pem_file,
+        metavar="FILE",
+        help="PEM client certificate chain the adapter presents to a service that requires one (mTLS)",
+    )
+    group.add_argument("--upstream-key", type=_pem_file, metavar="FILE", help="its PEM private key")
+    group.add_argument(
+        "--upstream-server-name",
+        metavar="NAME",
+        help="the name the service's certificate must carry, when it is not the upstream's host (an IP address "
+        "dialled, a certificate issued to a DNS name)",
+    )
+
+
+def _check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The TLS flags that mean something only together: a usage error before anything starts."""
+    grpc_prefix = "--grpc-" if args.command == "serve" else "--"
+    # (the flag given, its value, the flag it needs, that flag's value, why, where it is not evident)
+    needs: list[tuple[str, object, str, object, str]] = []
+    if args.command in ("serve", "grpc"):
+        cert, key, client_ca = f"{grpc_prefix}tls-cert", f"{grpc_prefix}tls-key", f"{grpc_prefix}tls-client-ca"
+        needs += [
+            (cert, args.grpc_tls_cert, key, args.grpc_tls_key, ""),
+            (key, args.grpc_tls_key, cert, args.grpc_tls_cert, ""),
+            (client_ca, args.grpc_tls_client_ca, cert, args.grpc_tls_cert, ""),
+        ]
+    if args.command in ("serve", "rest"):
+        needs += [
+            ("--tls-cert", args.rest_tls_cert, "--tls-key", args.rest_tls_key, ""),
+            ("--tls-key", args.rest_tls_key, "--tls-cert", args.rest_tls_cert, ""),
+            ("--upstream-cert", args.upstream_cert, "--upstream-key", args.upstream_key, ""),
+            ("--upstream-key", args.upstream_key, "--upstream-cert", args.upstream_cert, ""),
+            ("--upstream-cert", args.upstream_cert, "--upstream-ca", args.upstream_ca, ""),
+            ("--upstream-server-name", args.upstream_server_name, "--upstream-ca", args.upstream_ca, ""),
+        ]
+    if args.command == "serve":
+        needs += [
+            (
+                "--grpc-tls-cert",
+                args.grpc_tls_cert,
+                "--upstream-ca",
+                args.upstream_ca,
+                ": the REST adapter must trust the CA that issued the service's certificate",
+            ),
+            (
+                "--upstream-ca",
+                args.upstream_ca,
+                "--grpc-tls-cert",
+                args.grpc_tls_cert,
+                ": without it the service speaks plaintext",
+            ),
+            (
+                "--grpc-tls-client-ca",
+                args.grpc_tls_client_ca,
+                "--upstream-cert",
+                args.upstream_cert,
+                ": the REST adapter must present a client certificate to the service",
+            ),
+        ]
+    for flag, value, needed, needed_value, why in needs:
+        if value is not None and needed_value is None:
+            parser.error(f"{flag} needs {needed}{why}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatrpc", description="A self-hosted Chat Completions server on local GGUF models."
@@ -379,11 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(serve)
     _add_grpc_flags(serve, host_flag="--grpc-host", port_flag="--grpc-port")
     _add_rest_flags(serve, host_flag="--host", port_flag="--port")
+    _add_grpc_tls_flags(serve, prefix="--grpc-")
+    _add_rest_tls_flags(serve)
     _add_limit_flags(serve, service=True)
 
     grpc_only = commands.add_parser("grpc", help="run the gRPC service alone")
     _add_common(grpc_only)
     _add_grpc_flags(grpc_only, host_flag="--host", port_flag="--port")
+    _add_grpc_tls_flags(grpc_only, prefix="--")
     _add_limit_flags(grpc_only, service=True)
 
     rest = commands.add_parser("rest", help="run the REST adapter alone, in front of a gRPC service")
@@ -395,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     rest.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address in front of a service that needs no key"
     )
+    _add_rest_tls_flags(rest)
     _add_limit_flags(rest, service=False)
     return parser
 
@@ -407,7 +533,9 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
     from service.server import GrpcServerConfig, serve
 
     keys = keys_from_environment(args.api_key_file)
-    check_bind_is_safe(args.grpc_host, keys, args.insecure)
+    tls = _grpc_server_tls(args)
+    mtls = tls is not None and tls.client_certificates_required
+    check_bind_is_safe(args.grpc_host, keys, args.insecure, client_certificates=mtls)
     specs = [] if args.no_default_model else [ModelSpec(DEFAULT_MODEL_ID)]
     specs += [ModelSpec.parse(text) for text in args.models]
     if not specs:
@@ -439,6 +567,8 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
         grace_seconds=args.grace,
         limits=request_limits(args),
         connection=connection_settings(args),
+        tls=tls,
+        metrics_port=args.metrics_port,
     )
 
     async def main() -> None:
@@ -452,13 +582,45 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
     asyncio.run(main())
 
 
-def _rest_upstream_is_open(upstream: str) -> bool:
-    """Whether the gRPC service answers without a key (then the adapter must stay on loopback)."""
+def _grpc_server_tls(args: argparse.Namespace):
+    """The gRPC server's TLS credentials (chatrpc/tls.py) from its flags; None: plaintext."""
+    if args.grpc_tls_cert is None:
+        return None
+    from chatrpc.tls import ServerTLS
+
+    return ServerTLS.from_pem(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca)
+
+
+def _upstream_tls(args: argparse.Namespace):
+    """The REST adapter's TLS credentials for the gRPC service; None: plaintext."""
+    if args.upstream_ca is None:
+        return None
+    from chatrpc.tls import ChannelTLS
+
+    return ChannelTLS.from_pem(args.upstream_ca, args.upstream_cert, args.upstream_key, args.upstream_server_name)
+
+
+def _check_rest_certificate(args: argparse.Namespace) -> None:
+    """uvicorn loads the adapter's HTTPS certificate itself, with a traceback for a wrong one."""
+    if args.rest_tls_cert is not None:
+        from chatrpc.tls import check_key_pair
+
+        check_key_pair(args.rest_tls_cert, args.rest_tls_key)
+
+
+def _rest_upstream_is_open(upstream: str, tls=None) -> bool:
+    """Whether the gRPC service answers without a key (then the adapter must stay on loopback), asked
+    with the adapter's own TLS credentials (`tls`, chatrpc/tls.py): a client certificate lets it in
+    as a key would."""
     import grpc
 
     from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 
-    with grpc.insecure_channel(upstream) as channel:
+    if tls is None:
+        channel = grpc.insecure_channel(upstream)
+    else:
+        channel = grpc.secure_channel(upstream, tls.credentials, options=list(tls.options))
+    with channel:
         try:
             chat_pb2_grpc.ChatCompletionsStub(channel).ListModels(chat_pb2.ListModelsRequest(), timeout=5)
             return True
@@ -470,7 +632,10 @@ def _run_rest(args: argparse.Namespace) -> None:
     from adapters.rest.app import run
     from service.bind_policy import is_loopback_host
 
-    if not is_loopback_host(args.rest_host) and not args.insecure and _rest_upstream_is_open(args.upstream):
+    _check_rest_certificate(args)
+    upstream_tls = _upstream_tls(args)
+    exposed = not is_loopback_host(args.rest_host) and not args.insecure
+    if exposed and _rest_upstream_is_open(args.upstream, upstream_tls):
         raise SystemExit(
             f"chatrpc: refusing to listen on {args.rest_host}: the upstream {args.upstream} needs no API key "
             "(or cannot be reached); configure keys there or pass --insecure"
@@ -481,6 +646,9 @@ def _run_rest(args: argparse.Namespace) -> None:
         args.upstream,
         max_request_bytes=args.max_request_bytes,
         log_level=args.log_level,
+        upstream_tls=upstream_tls,
+        ssl_certfile=None if args.rest_tls_cert is None else args.rest_tls_cert.path,
+        ssl_keyfile=None if args.rest_tls_key is None else args.rest_tls_key.path,
     )
 
 
@@ -491,7 +659,21 @@ def _serve(args: argparse.Namespace) -> None:
 
     # The adapter exposes the service: the same loopback rule applies to its address.
     check_bind_is_safe(args.rest_host, keys_from_environment(args.api_key_file), args.insecure)
+    # The adapter's files are checked now too: it starts only once the models have loaded.
+    _check_rest_certificate(args)
+    _upstream_tls(args)
     upstream_host = "127.0.0.1" if args.grpc_host in ("0.0.0.0", "::", "[::]") else args.grpc_host
+    adapter_files = {
+        "--tls-cert": args.rest_tls_cert,
+        "--tls-key": args.rest_tls_key,
+        "--upstream-ca": args.upstream_ca,
+        "--upstream-cert": args.upstream_cert,
+        "--upstream-key": args.upstream_key,
+    }
+    adapter_tls_flags = [text for flag, pem in adapter_files.items() if pem is not None for text in (flag, pem.path)]
+    if args.upstream_server_name is not None:
+        adapter_tls_flags += ["--upstream-server-name", args.upstream_server_name]
+    scheme = "http" if args.rest_tls_cert is None else "https"
     child: list[subprocess.Popen] = []
 
     def start_rest() -> None:
@@ -500,10 +682,10 @@ def _serve(args: argparse.Namespace) -> None:
             "--host", args.rest_host, "--port", str(args.rest_port),
             "--upstream", f"{upstream_host}:{args.grpc_port}", "--log-level", args.log_level,
             "--log-format", args.log_format, "--insecure",
-            "--max-request-bytes", str(args.max_request_bytes),
+            "--max-request-bytes", str(args.max_request_bytes), *adapter_tls_flags,
         ]  # fmt: skip
         child.append(subprocess.Popen(command, env=os.environ.copy()))
-        log.warning("REST adapter starting on http://%s:%d/v1", args.rest_host, args.rest_port)
+        log.warning("REST adapter starting on %s://%s:%d/v1", scheme, args.rest_host, args.rest_port)
 
     try:
         _run_grpc(args, on_ready=start_rest)
@@ -517,7 +699,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_tls_flags(parser, args)
     from chatrpc.logs import configure
 
     configure(args.log_level, args.log_format)
@@ -525,6 +709,7 @@ def main(argv: list[str] | None = None) -> None:
         from service.engine.openmp import bind_decode_threads
 
         bind_decode_threads(args.threads)  # before anything loads llama.cpp
+    from chatrpc.tls import TLSFileError
     from service.bind_policy import InsecureBindError
 
     try:
@@ -534,5 +719,5 @@ def main(argv: list[str] | None = None) -> None:
             _run_grpc(args)
         else:
             _run_rest(args)
-    except InsecureBindError as error:
+    except (InsecureBindError, TLSFileError) as error:
         raise SystemExit(f"chatrpc: {error}") from None

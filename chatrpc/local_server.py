@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,16 +32,21 @@ def free_port() -> int:
 
 
 def serve_command(grpc_port: int, rest_port: int, *flags: str) -> list[str]:
-    """`chatrpc serve` on loopback ports, with this interpreter."""
+    """`chatrpc serve` on loopback ports, with this interpreter; no service /metrics port unless
+    `flags` give one (several servers run at once)."""
     return [
         sys.executable, "-m", "chatrpc", "serve", "--grpc-port", str(grpc_port), "--port", str(rest_port),
-        "--log-level", "warning", *flags,
+        "--log-level", "warning", "--metrics-port", "0", *flags,
     ]  # fmt: skip
 
 
 def grpc_command(port: int, *flags: str) -> list[str]:
-    """`chatrpc grpc` (the service alone) on a loopback port, with this interpreter."""
-    return [sys.executable, "-m", "chatrpc", "grpc", "--port", str(port), "--log-level", "warning", *flags]
+    """`chatrpc grpc` (the service alone) on a loopback port, with this interpreter; no /metrics port
+    unless `flags` give one."""
+    return [
+        sys.executable, "-m", "chatrpc", "grpc", "--port", str(port), "--log-level", "warning",
+        "--metrics-port", "0", *flags,
+    ]  # fmt: skip
 
 
 def rest_command(port: int, upstream_port: int, *flags: str) -> list[str]:
@@ -51,9 +57,11 @@ def rest_command(port: int, upstream_port: int, *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
-def grpc_serving(target: str, timeout: float = 2) -> bool:
-    """Whether the standard gRPC health check of the server at `target` (HOST:PORT) says SERVING."""
-    with grpc.insecure_channel(target) as channel:
+def grpc_serving(target: str, timeout: float = 2, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    """Whether the standard gRPC health check of the server at `target` (HOST:PORT) says SERVING;
+    asked over TLS with `credentials`, in plaintext without."""
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
@@ -64,7 +72,8 @@ def grpc_serving(target: str, timeout: float = 2) -> bool:
 class LocalServer:
     """A server process with its output in a log file. `wait_ready` polls its health URL: an HTTP URL
     that answers 200, or `grpc://HOST:PORT` for the standard gRPC health check; `stop` sends SIGTERM
-    and kills it if it has not exited after a grace."""
+    and kills it if it has not exited after a grace. A server that speaks TLS is asked with
+    `grpc_credentials` (grpc://) or `ssl_context` (an https:// URL)."""
 
     def __init__(
         self,
@@ -75,8 +84,11 @@ class LocalServer:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        grpc_credentials: grpc.ChannelCredentials | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.name, self.health_url, self.log_path = name, health_url, log_path
+        self.grpc_credentials, self.ssl_context = grpc_credentials, ssl_context
         with log_path.open("w") as log:
             self.process = subprocess.Popen(
                 command, cwd=cwd, env=dict(os.environ if env is None else env), stdout=log, stderr=subprocess.STDOUT
@@ -101,8 +113,11 @@ class LocalServer:
     def healthy(self) -> bool:
         """Whether its health URL says it serves, now."""
         if self.health_url.startswith(GRPC_HEALTH_SCHEME):
-            return grpc_serving(self.health_url.removeprefix(GRPC_HEALTH_SCHEME))
-        with contextlib.suppress(OSError), urllib.request.urlopen(self.health_url, timeout=2) as answer:
+            return grpc_serving(self.health_url.removeprefix(GRPC_HEALTH_SCHEME), credentials=self.grpc_credentials)
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(self.health_url, timeout=2, context=self.ssl_context) as answer,
+        ):
             return answer.status == 200
         return False
 

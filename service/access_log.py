@@ -5,10 +5,12 @@ request's) or, when a gRPC client sends none or one that is not usable (chatrpc/
 `usable_request_id`), a new `req_<32 hex>`. The service returns it in the call's
 initial metadata, and every log line written while the call is handled carries it (chatrpc/logs.py).
 
-When the call ends, one line at INFO on the `chatrpc.access` logger says who (the API key's
-fingerprint, never the key), what (method, model), how much (prompt, cached and completion tokens),
-how long (time to first token, duration) and how it ended (finish reasons, gRPC status). The
-request's and the answer's text are never in it; with --log-format json each of these is a field.
+When the call ends, the servicer's `call_ended` gets its record and writes one line at INFO on the
+`chatrpc.access` logger that says who (the API key's fingerprint, never the key), what (method,
+model), how much (prompt, cached and completion tokens), how long (time to first token, duration)
+and how it ended (finish reasons, gRPC status). The request's and the answer's text are never in
+it; with --log-format json each of these is a field.
+The same record feeds the request metrics (service/metrics.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -41,6 +43,14 @@ def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     return new_request_id()
 
 
+class EngineTimes(Protocol):
+    """When the engine queued, admitted and first sampled a request (its first choice's Sequence)."""
+
+    queued_at: float
+    admitted_at: float | None
+    first_token_at: float | None
+
+
 @dataclass
 class CallRecord:
     """What one call's access line reports; the servicer fills in the counts as it learns them."""
@@ -54,17 +64,26 @@ class CallRecord:
     cached_tokens: int = 0
     completion_tokens: int = 0
     first_token: float | None = None
+    last_token: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
     status: str = "OK"
+    engine: EngineTimes | None = None  # None: refused before it was queued
+    ended: float | None = None
 
     def output_arrived(self, cached_tokens: int) -> None:
         """An update of the engine's came: the first one's time is the time to first token."""
+        self.last_token = time.monotonic()
         if self.first_token is None:
-            self.first_token = time.monotonic()
+            self.first_token = self.last_token
         self.cached_tokens = max(self.cached_tokens, cached_tokens)
 
+    def end(self) -> None:
+        if self.ended is None:
+            self.ended = time.monotonic()
+
     def fields(self) -> dict[str, Any]:
-        ended = time.monotonic()
+        self.end()
+        ended = self.ended
         return {
             "request_id": self.request_id,
             "method": self.method,
@@ -103,7 +122,7 @@ def _status_of(error: BaseException) -> str:
 def access_logged(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps a servicer method, unary or streaming, that takes a `CallRecord` after its context:
     gives the call its request id (returned in the initial metadata, and on every log line written
-    meanwhile) and writes its access line when it ends."""
+    meanwhile) and hands the record to the servicer's `call_ended` when it ends."""
     method = handler.__name__
 
     async def begin(context: grpc.aio.ServicerContext) -> CallRecord:
@@ -124,7 +143,8 @@ def access_logged(handler: Callable[..., Any]) -> Callable[..., Any]:
                 record.status = _status_of(error)
                 raise
             finally:
-                record.emit()
+                record.end()
+                self.call_ended(record)
 
         return streaming
 
@@ -137,6 +157,7 @@ def access_logged(handler: Callable[..., Any]) -> Callable[..., Any]:
             record.status = _status_of(error)
             raise
         finally:
-            record.emit()
+            record.end()
+            self.call_ended(record)
 
     return unary

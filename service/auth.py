@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -121,8 +121,10 @@ def key_fingerprint(key: str) -> str:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every RPC but health checks unless it carries a valid bearer key."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str], call_ended: Callable[[CallRecord], None] = CallRecord.emit) -> None:
+        """`call_ended` gets the record of each call refused (the access line, the failure metric)."""
         self._checker = ApiKeyChecker(keys)
+        self._call_ended = call_ended
 
         async def refuse(request, context):
             await abort_with(context, _REFUSED)
@@ -145,7 +147,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # burst are how a guessed or leaked key shows in the logs).
         refused = CallRecord(request_id_of(handler_call_details.invocation_metadata), method.rpartition("/")[2])
         refused.status = _REFUSED.code.name
-        refused.emit()
+        refused.end()
+        self._call_ended(refused)
         handler = await continuation(handler_call_details)
         if handler is not None and handler.response_streaming:
             return self._refuse_stream

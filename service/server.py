@@ -16,11 +16,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chatrpc.tls import ServerTLS
 from chatrpc.v1 import chat_pb2
 from service.auth import AuthInterceptor, Tenants
 from service.bind_policy import check_bind_is_safe
 from service.grpc_settings import ConnectionSettings
 from service.limits import RequestLimits
+from service.metrics import ServiceMetrics
 from service.models import ModelRegistry
 from service.request_decoding import decode_chat_request
 from service.servicer import ChatCompletionsServicer
@@ -39,6 +41,12 @@ class GrpcServerConfig:
     grace_seconds: float = 5.0
     limits: RequestLimits = field(default_factory=RequestLimits)
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    tls: ServerTLS | None = None  # None: plaintext
+    metrics_port: int = 0  # /metrics over HTTP on `host` (0: not served)
+
+    @property
+    def client_certificates_required(self) -> bool:
+        return self.tls is not None and self.tls.client_certificates_required
 
 
 def _add_chat_service(servicer: ChatCompletionsServicer, server: grpc.aio.Server) -> None:
@@ -67,8 +75,12 @@ def _add_chat_service(servicer: ChatCompletionsServicer, server: grpc.aio.Server
 
 async def serve(registry: ModelRegistry, config: GrpcServerConfig, *, ready: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT."""
-    check_bind_is_safe(config.host, list(config.api_keys), config.insecure)
-    interceptors = [AuthInterceptor(config.api_keys)] if config.api_keys else []
+    check_bind_is_safe(
+        config.host, list(config.api_keys), config.insecure, client_certificates=config.client_certificates_required
+    )
+    metrics = ServiceMetrics(registry)
+    servicer = ChatCompletionsServicer(registry, config.limits, tenants=Tenants(config.api_keys), metrics=metrics)
+    interceptors = [AuthInterceptor(config.api_keys, servicer.call_ended)] if config.api_keys else []
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -78,7 +90,6 @@ async def serve(registry: ModelRegistry, config: GrpcServerConfig, *, ready: asy
             *config.connection.server_options(),
         ],
     )
-    servicer = ChatCompletionsServicer(registry, config.limits, tenants=Tenants(config.api_keys))
     _add_chat_service(servicer, server)
 
     health_servicer = health.aio.HealthServicer()
@@ -87,10 +98,15 @@ async def serve(registry: ModelRegistry, config: GrpcServerConfig, *, ready: asy
     reflection.enable_server_reflection(service_names, server)
 
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
-    bound = server.add_insecure_port(address)
+    if config.tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, config.tls.credentials)
     if bound == 0:
         raise OSError(f"could not listen on {address}")
     await server.start()
+    if config.metrics_port:
+        metrics.serve(config.host, config.metrics_port, config.tls)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.warning("gRPC server listening on %s (%s)", address, "API keys required" if config.api_keys else "no API keys")

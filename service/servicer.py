@@ -21,16 +21,25 @@ from service.auth import Tenants
 from service.choice_output import ChoiceOutput
 from service.errors import reported_as_status
 from service.limits import RequestLimits
+from service.metrics import ServiceMetrics
 from service.models import ModelRegistry, ServedModel
 from service.request import CheckedRequest, Generation, build_generation, check_parameters
 from service.request_decoding import UndecodableRequest
 
 
 class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
-    def __init__(self, registry: ModelRegistry, limits: RequestLimits, *, tenants: Tenants) -> None:
+    def __init__(
+        self, registry: ModelRegistry, limits: RequestLimits, *, tenants: Tenants, metrics: ServiceMetrics
+    ) -> None:
         self._registry = registry
         self._limits = limits
         self._tenants = tenants
+        self._metrics = metrics
+
+    def call_ended(self, record: CallRecord) -> None:
+        """A chat call's end (access_log.py): its access line, then its metrics."""
+        record.emit()
+        self._metrics.call_ended(record)
 
     def _prepare(
         self, request: chat_pb2.ChatCompletionRequest | UndecodableRequest, streaming: bool
@@ -52,6 +61,7 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
             checked, served, generation = await asyncio.to_thread(self._prepare, request, streaming)
             stream = served.scheduler.submit(generation, tenant)
         record.prompt_tokens = len(generation.prompt_tokens)
+        record.engine = stream.sequences[0]
         header = responses.CompletionHeader.new(request.model, served.model.system_fingerprint)
         outputs = [ChoiceOutput(index, checked) for index in range(checked.n)]
         return checked, generation, stream, header, outputs

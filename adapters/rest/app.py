@@ -8,10 +8,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from adapters.rest.body import BodyReader
+from adapters.rest.metrics import MetricsMiddleware
 from adapters.rest.routes import EXCEPTION_HANDLERS, ROUTES
 from adapters.rest.upstream import Upstream
+from chatrpc.tls import ChannelTLS
 
 _MIB = 1024 * 1024
 
@@ -24,15 +27,22 @@ DEFAULT_GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 def create_app(
-    upstream: str, *, max_request_bytes: int, grpc_options: Sequence[tuple[str, Any]] = DEFAULT_GRPC_OPTIONS
+    upstream: str,
+    *,
+    max_request_bytes: int,
+    grpc_options: Sequence[tuple[str, Any]] = DEFAULT_GRPC_OPTIONS,
+    upstream_tls: ChannelTLS | None = None,
 ) -> Starlette:
     """The OpenAI-compatible REST API in front of the chatrpc gRPC service at ``upstream``
     (``HOST:PORT``), refusing request bodies over ``max_request_bytes`` (body.py). One ``grpc.aio``
-    channel, opened at startup and closed at shutdown, carries every request."""
+    channel, opened at startup and closed at shutdown, carries every request; over TLS (and mTLS)
+    with ``upstream_tls``, in plaintext without."""
+    options = list(grpc_options) if upstream_tls is None else [*grpc_options, *upstream_tls.options]
+    credentials = None if upstream_tls is None else upstream_tls.credentials
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.upstream = Upstream(upstream, grpc_options)
+        app.state.upstream = Upstream(upstream, options, credentials)
         try:
             await app.state.body_reader.start()
             yield
@@ -40,13 +50,30 @@ def create_app(
             app.state.body_reader.close()
             await app.state.upstream.close()
 
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+        # Outermost: it sees every answer, the error envelopes of the exception handlers included.
+        middleware=[Middleware(MetricsMiddleware)],
+    )
     app.state.body_reader = BodyReader(max_request_bytes)  # its worker processes start with the app
     return app
 
 
-def run(host: str, port: int, upstream: str, *, max_request_bytes: int, log_level: str = "info") -> None:
-    """Serves the adapter on ``host:port`` with uvicorn until interrupted."""
+def run(
+    host: str,
+    port: int,
+    upstream: str,
+    *,
+    max_request_bytes: int,
+    log_level: str = "info",
+    upstream_tls: ChannelTLS | None = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> None:
+    """Serves the adapter on ``host:port`` with uvicorn until interrupted: HTTPS with the PEM
+    certificate chain and key in ``ssl_certfile`` and ``ssl_keyfile``, HTTP without."""
     import uvicorn
 
     # Named rather than left to uvicorn's "auto", which falls back to asyncio's loop and h11's
@@ -58,9 +85,11 @@ def run(host: str, port: int, upstream: str, *, max_request_bytes: int, log_leve
     # as the gRPC service does; before uvicorn takes the signal over, it stops the start-up.
     signal.signal(signal.SIGTERM, _exit_drained)
     uvicorn.run(
-        create_app(upstream, max_request_bytes=max_request_bytes),
+        create_app(upstream, max_request_bytes=max_request_bytes, upstream_tls=upstream_tls),
         host=host,
         port=port,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
         log_level=log_level,
         lifespan="on",
         # chatrpc/logs.py has configured the root logger (text or JSON); uvicorn's loggers go there.

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from adapters.rest.body import BodyReader
 from adapters.rest.errors import RETRY_AFTER_SECONDS, APIError, internal_error, method_not_allowed, not_found_route
+from adapters.rest.metrics import metrics
 from adapters.rest.sse import stream_chat_completion
 from adapters.rest.translate import chat_completion_to_json, encode, model_list_to_json, model_to_json
 from adapters.rest.upstream import (
@@ -107,6 +108,7 @@ ROUTES = [
     Route("/health/ready", ready, methods=["GET"]),
     Route("/health/live", live, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
 ]
 
 

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from adapters.rest.body import ChatRequest
 from adapters.rest.errors import from_rpc_error, internal_error
+from adapters.rest.metrics import upstream_failed
 from adapters.rest.translate import chunk_to_json, encode
 from adapters.rest.upstream import (
     REQUEST_ID_HEADER,
@@ -56,6 +57,7 @@ async def stream_chat_completion(
         first = await call.read()
     except grpc.aio.AioRpcError as error:
         watch.stop()
+        upstream_failed(error)
         raise from_rpc_error(error) from None
     except asyncio.CancelledError:
         watch.stop()
@@ -116,6 +118,7 @@ class EventStreamResponse:
                 chunk = await call.read()
             await self._write(send, held + _DONE, more_body=False)
         except grpc.aio.AioRpcError as error:
+            upstream_failed(error)
             await self._write(send, held + _event(from_rpc_error(error).to_json()), more_body=False)
         except asyncio.CancelledError:
             if not self._watch.client_gone():

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.requests import Request
 
 from adapters.rest.errors import APIError, from_rpc_error
+from adapters.rest.metrics import upstream_failed
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY, REQUEST_ID_METADATA_KEY, new_request_id, usable_request_id
 
@@ -49,10 +50,19 @@ class ClientDisconnected(Exception):
 class Upstream:
     """The channel to the chatrpc gRPC service and its stubs, shared by all requests."""
 
-    def __init__(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        target: str,
+        options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """``credentials``: TLS (chatrpc/tls.py) for a service that speaks it; None: plaintext."""
         self.target = target
-        merged = {**dict(_RECONNECT_OPTIONS), **dict(options)}  # the caller's options win
-        self.channel = grpc.aio.insecure_channel(target, options=list(merged.items()))
+        merged = list({**dict(_RECONNECT_OPTIONS), **dict(options)}.items())  # the caller's options win
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=merged)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=merged)
         self.chat = chat_pb2_grpc.ChatCompletionsStub(self.channel)
         # The chat calls send the request's bytes as body.py made them (a large one in a worker
         # process), rather than serializing a proto on the event loop.
@@ -154,6 +164,7 @@ async def unary_call(request: Request, method: grpc.aio.UnaryUnaryMultiCallable,
     try:
         return await call
     except grpc.aio.AioRpcError as error:
+        upstream_failed(error)
         raise from_rpc_error(error) from None
     except asyncio.CancelledError:
         if watch.client_gone():

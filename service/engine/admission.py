@@ -65,6 +65,11 @@ class FairQueue(Generic[Request]):
         """Requests waiting, all tenants together."""
         return self._waiting
 
+    @property
+    def running(self) -> int:
+        """Requests admitted and not over yet, all tenants together."""
+        return sum(self._inflight.values()) - self._waiting
+
     def inflight(self, tenant: Hashable) -> int:
         """The tenant's requests waiting or running."""
         return self._inflight[tenant]

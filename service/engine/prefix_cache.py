@@ -63,6 +63,7 @@ class PrefixCacheStats:
     """Counters since start, for tests and benchmarks."""
 
     lookups: int = 0  # requests that asked for a slot with a prompt
+    queried_tokens: int = 0  # their prompts' tokens together (what reused_tokens is a part of)
     hits: int = 0  # of them, those that reused a prefix
     reused_tokens: int = 0  # prompt tokens not prefilled thanks to the cache
     evictions: int = 0  # retained prefixes dropped to make room
@@ -113,6 +114,7 @@ class PrefixCache:
     def match(self, prompt: TokenList[int], free: Collection[int]) -> tuple[int, int] | None:
         """The free slot whose retained prefix `prompt` should reuse, and how many tokens, if any."""
         self.stats.lookups += 1
+        self.stats.queried_tokens += len(prompt)
         if not self.enabled or len(prompt) <= 1:
             return None
         query = np.asarray(prompt, dtype=np.int32)

@@ -25,7 +25,9 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from operator import attrgetter
 
 import numpy as np
@@ -49,6 +51,16 @@ from service.errors import GenerationFailed, QueueFull, ServiceError, ShuttingDo
 from service.request import Generation
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What a scheduler holds at one moment (service/metrics.py exports it)."""
+
+    waiting: int  # requests queued for a slot
+    running: int  # requests admitted and not over
+    kv_cells_used: int  # KV cells holding running sequences' tokens
+    kv_cells: int  # KV cells of the context, every slot's together
 
 
 class RequestStream:
@@ -206,6 +218,14 @@ class Scheduler:
         with self._condition:
             self._waiting.end(ticket)
 
+    def load(self) -> EngineLoad:
+        """Any thread. The sequences' positions are read as the scheduler thread last wrote them."""
+        with self._condition:
+            waiting, running = len(self._waiting), self._waiting.running
+            used = sum(sequence.n_past for sequence in list(self._active))  # a copy: one C call, atomic
+        cells = self._model.context_per_sequence * self._model.max_sequences
+        return EngineLoad(waiting, running, used, cells)
+
     def close(self) -> None:
         with self._condition:
             self._stopping = True
@@ -271,7 +291,9 @@ class Scheduler:
         return collections.Counter(sequence.tenant for sequence in self._active)
 
     def _start(self, request: list[Sequence]) -> None:
+        admitted = time.monotonic()
         for sequence in request:
+            sequence.admitted_at = admitted
             # Choice 0 prefills the prompt; the other choices get a copy of its KV, whatever they held.
             prompt = None if sequence.awaiting_fork else sequence.generation.prompt_tokens
             sequence.seq_id, reused = self.slots.acquire(prompt)
@@ -344,6 +366,7 @@ class Scheduler:
     def _decode(self, decoding: list[Sequence]) -> None:
         """One token for every decoding sequence, in one batch (or a few for a lone sequence whose
         guesses pay)."""
+        self.timings.steps_by_rows[len(decoding)] += 1
         if len(decoding) == 1 and self._speculation is not None and self._speculation.available:
             sequence = decoding[0]
             draft = self._speculation.draft(sequence)

@@ -6,6 +6,7 @@ may set `cancelled`, which the scheduler honours at its next step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,6 +98,11 @@ class Sequence:
         self.output_tokens: list[int] = []  # every token accepted, end token included
         self.cancelled = False
         self.finished = False
+        # When it was queued, took a slot and had its first token (time.monotonic(); None: not yet):
+        # a request's queue and prefill times (service/metrics.py).
+        self.queued_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
         self._token_bytes = token_bytes
         self._is_end = is_end_of_generation
         self._detokenizer = IncrementalDetokenizer(token_bytes)
@@ -126,6 +132,8 @@ class Sequence:
     def accept(self, token: int, logprob: float, top: list[tuple[int, float]]) -> SequenceUpdate:
         """Take the token the sampler chose; return the text it makes ready and whether it ends the sequence."""
         self.generated += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self.last_token = token
         self.output_tokens.append(token)
         finish = None

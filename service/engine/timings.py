@@ -3,7 +3,8 @@ and by tests that compare an engine's work with and without a feature."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import collections
+from dataclasses import MISSING, dataclass, field, fields
 
 
 @dataclass
@@ -18,8 +19,11 @@ class StepTimings:
     drafted_tokens: int = 0  # guesses checked
     accepted_tokens: int = 0  # of them, those that held (tokens gained over plain steps)
     idle_prefill_seconds: float = 0.0  # inside llama_decode for idle prefill (idle_prefill.py)
+    # Decode steps by how many sequences each one decoded (one llama_decode of that many rows, or a
+    # lone sequence's speculative step): how well steps are batched.
+    steps_by_rows: collections.Counter[int] = field(default_factory=collections.Counter)
 
     def reset(self) -> None:
         """Zero every counter in place (the decoder, sampler and the rest keep adding to this object)."""
-        for field in fields(self):
-            setattr(self, field.name, field.default)
+        for each in fields(self):
+            setattr(self, each.name, each.default_factory() if each.default is MISSING else each.default)
