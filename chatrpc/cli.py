@@ -25,6 +25,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         choices=LOG_FORMATS,
         help="text lines, or one JSON object per line with the access line's counts as fields (default: %(default)s)",
     )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://127.0.0.1:4317); needs "
+        "`pip install 'chatrpc[otel]'` (default: no tracing)",
+    )
 
 
 def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_flag: str) -> None:
@@ -684,6 +690,8 @@ def _serve(args: argparse.Namespace) -> None:
             "--log-format", args.log_format, "--insecure",
             "--max-request-bytes", str(args.max_request_bytes), *adapter_tls_flags,
         ]  # fmt: skip
+        if args.otlp_endpoint is not None:
+            command += ["--otlp-endpoint", args.otlp_endpoint]
         child.append(subprocess.Popen(command, env=os.environ.copy()))
         log.warning("REST adapter starting on %s://%s:%d/v1", scheme, args.rest_host, args.rest_port)
 
@@ -705,6 +713,9 @@ def main(argv: list[str] | None = None) -> None:
     from chatrpc.logs import configure
 
     configure(args.log_level, args.log_format)
+    from chatrpc import tracing
+
+    tracing.configure("chatrpc-rest" if args.command == "rest" else "chatrpc", args.otlp_endpoint)
     if args.command != "rest":
         from service.engine.openmp import bind_decode_threads
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from chatrpc import tracing
 from chatrpc.logs import bind_request_id
 from chatrpc.v1.wire import REQUEST_ID_METADATA_KEY, new_request_id, usable_request_id
 from service.errors import ServiceError
@@ -69,6 +70,7 @@ class CallRecord:
     status: str = "OK"
     engine: EngineTimes | None = None  # None: refused before it was queued
     ended: float | None = None
+    trace_context: dict[str, str] | None = None  # the caller's traceparent, when tracing is on
 
     def output_arrived(self, cached_tokens: int) -> None:
         """An update of the engine's came: the first one's time is the time to first token."""
@@ -126,7 +128,10 @@ def access_logged(handler: Callable[..., Any]) -> Callable[..., Any]:
     method = handler.__name__
 
     async def begin(context: grpc.aio.ServicerContext) -> CallRecord:
-        record = CallRecord(request_id_of(context.invocation_metadata()), method)
+        metadata = context.invocation_metadata()
+        record = CallRecord(request_id_of(metadata), method)
+        if tracing.tracer() is not None:
+            record.trace_context = tracing.trace_headers(metadata)
         bind_request_id(record.request_id)
         await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, record.request_id),))
         return record

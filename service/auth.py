@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from chatrpc.tracing import trace_headers
 from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY
 from service.access_log import CallRecord, request_id_of
 from service.errors import Unauthenticated, abort_with
@@ -145,7 +146,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         # The servicer never sees this call, so its access line is written here (refusals in a
         # burst are how a guessed or leaked key shows in the logs).
-        refused = CallRecord(request_id_of(handler_call_details.invocation_metadata), method.rpartition("/")[2])
+        metadata = handler_call_details.invocation_metadata
+        refused = CallRecord(request_id_of(metadata), method.rpartition("/")[2], trace_context=trace_headers(metadata))
         refused.status = _REFUSED.code.name
         refused.end()
         self._call_ended(refused)

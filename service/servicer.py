@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 
+from chatrpc import tracing
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 from service import responses
 from service.access_log import CallRecord, access_logged
 from service.auth import Tenants
+from service.call_spans import record_spans
 from service.choice_output import ChoiceOutput
 from service.errors import reported_as_status
 from service.limits import RequestLimits
@@ -37,9 +39,13 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         self._metrics = metrics
 
     def call_ended(self, record: CallRecord) -> None:
-        """A chat call's end (access_log.py): its access line, then its metrics."""
+        """A chat call's end (access_log.py): its access line, its metrics, and its spans when
+        tracing is on."""
         record.emit()
         self._metrics.call_ended(record)
+        tracer = tracing.tracer()
+        if tracer is not None:
+            record_spans(tracer, record)
 
     def _prepare(
         self, request: chat_pb2.ChatCompletionRequest | UndecodableRequest, streaming: bool

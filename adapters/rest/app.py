@@ -13,7 +13,9 @@ from starlette.middleware import Middleware
 from adapters.rest.body import BodyReader
 from adapters.rest.metrics import MetricsMiddleware
 from adapters.rest.routes import EXCEPTION_HANDLERS, ROUTES
+from adapters.rest.tracing import TracingMiddleware
 from adapters.rest.upstream import Upstream
+from chatrpc import tracing
 from chatrpc.tls import ChannelTLS
 
 _MIB = 1024 * 1024
@@ -50,12 +52,16 @@ def create_app(
             app.state.body_reader.close()
             await app.state.upstream.close()
 
+    # Outside the exception handlers: they see every answer, the error envelopes included.
+    middleware = [Middleware(MetricsMiddleware)]
+    tracer = tracing.tracer()
+    if tracer is not None:
+        middleware.insert(0, Middleware(TracingMiddleware, tracer=tracer))
     app = Starlette(
         routes=ROUTES,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
-        # Outermost: it sees every answer, the error envelopes of the exception handlers included.
-        middleware=[Middleware(MetricsMiddleware)],
+        middleware=middleware,
     )
     app.state.body_reader = BodyReader(max_request_bytes)  # its worker processes start with the app
     return app

@@ -24,11 +24,18 @@ from starlette.requests import Request
 
 from adapters.rest.errors import APIError, from_rpc_error
 from adapters.rest.metrics import upstream_failed
+from chatrpc import tracing
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
-from chatrpc.v1.wire import AUTHORIZATION_METADATA_KEY, REQUEST_ID_METADATA_KEY, new_request_id, usable_request_id
+from chatrpc.v1.wire import (
+    AUTHORIZATION_METADATA_KEY,
+    REQUEST_ID_METADATA_KEY,
+    TRACE_CONTEXT_METADATA_KEYS,
+    new_request_id,
+    usable_request_id,
+)
 
 REQUEST_ID_HEADER = "x-request-id"
-_REQUEST_ID_SCOPE_KEY = "chatrpc.request_id"
+REQUEST_ID_SCOPE_KEY = "chatrpc.request_id"
 _WHOLE_SERVER = ""
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatCompletions"].full_name
@@ -99,28 +106,41 @@ def _valid_metadata_value(value: str) -> bool:
 def request_id(request: Request) -> str:
     """The client's ``x-request-id``, or a new one; the same for the whole HTTP request."""
     scope = request.scope
-    value = scope.get(_REQUEST_ID_SCOPE_KEY)
+    value = scope.get(REQUEST_ID_SCOPE_KEY)
     if value is None:
         value = request.headers.get(REQUEST_ID_HEADER)
         if not usable_request_id(value):
             value = new_request_id()
-        scope[_REQUEST_ID_SCOPE_KEY] = value
+        scope[REQUEST_ID_SCOPE_KEY] = value
     return value
 
 
+def trace_context(request: Request) -> tuple[tuple[str, str], ...]:
+    """The trace the call continues: the adapter's span for the request when tracing is on
+    (tracing.py), else the client's own ``traceparent`` and ``tracestate``, passed on unchanged."""
+    if tracing.tracer() is not None:
+        return tuple(tracing.inject().items())
+    return tuple(
+        (key, value)
+        for key in TRACE_CONTEXT_METADATA_KEYS
+        if (value := request.headers.get(key)) is not None and _valid_metadata_value(value)
+    )
+
+
 def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata for a call made on behalf of ``request``: its request id and credentials."""
-    identity = (REQUEST_ID_METADATA_KEY, request_id(request))
+    """gRPC metadata for a call made on behalf of ``request``: its request id, trace context and
+    credentials."""
+    identity = ((REQUEST_ID_METADATA_KEY, request_id(request)), *trace_context(request))
     authorization = request.headers.get("authorization")
     if authorization is None:
-        return (identity,)
+        return identity
     if not _valid_metadata_value(authorization):
         raise APIError(
             401,
             "The Authorization header holds characters that an API key cannot contain.",
             code="invalid_api_key",
         )
-    return (identity, (AUTHORIZATION_METADATA_KEY, authorization))
+    return (*identity, (AUTHORIZATION_METADATA_KEY, authorization))
 
 
 class DisconnectWatch:

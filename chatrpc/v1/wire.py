@@ -1,8 +1,8 @@
 """The wire-level names of chatrpc.v1 that generated code does not carry, written once for the
 service and the REST adapter alike (protos/chatrpc/v1/chat.proto documents each of them).
 
-- The metadata keys of the API key and of the request id, and the trailing metadata key of an error status that names
-  the request parameter at fault.
+- The metadata keys of the API key, of the request id and of the trace context, and the trailing
+  metadata key of an error status that names the request parameter at fault.
 - The JSON spelling of every enum value: its name without the enum's prefix, in lower case
   (`ROLE_USER` is "user", `FINISH_REASON_TOOL_CALLS` is "tool_calls"); `*_UNSPECIFIED` has none.
 - The number of choices a request asks for when it leaves `n` out.
@@ -26,6 +26,10 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 REQUEST_ID_METADATA_KEY = "x-request-id"
 # Longer ids are replaced, not cut: a cut id would no longer match the client's own.
 MAX_REQUEST_ID_LENGTH = 128
+
+# W3C Trace Context (https://www.w3.org/TR/trace-context/): the HTTP headers of a client's trace,
+# carried as call metadata of the same names from the REST adapter to the service.
+TRACE_CONTEXT_METADATA_KEYS = ("traceparent", "tracestate")
 
 # An INVALID_ARGUMENT status names the offending parameter in this trailing metadata key, in the
 # REST spelling (`temperature`, `messages[2].content`); the REST adapter returns it as `param`.
