@@ -13,7 +13,7 @@ The exposition runs on prometheus_client's own HTTP server thread, never on the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from chatrpc.tls import ServerTLS
     from service.access_log import CallRecord
+    from service.engine.scheduler import EngineLoad, Scheduler
     from service.models import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,44 @@ _REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+# What the collector reads from each scheduler: (name, family, help, reader of (scheduler, its load)).
+_ENGINE_METRICS: tuple[tuple[str, type, str, Callable[[Scheduler, EngineLoad], float]], ...] = (
+    (
+        "requests_running", GaugeMetricFamily, "Requests admitted into the engine and not over.",
+        lambda _, load: load.running,
+    ),
+    ("requests_waiting", GaugeMetricFamily, "Requests queued for a sequence slot.", lambda _, load: load.waiting),
+    (
+        "kv_cache_usage_ratio", GaugeMetricFamily,
+        "KV cells holding running requests' tokens / KV cells of the context (0-1).",
+        lambda _, load: load.kv_cells_used / load.kv_cells if load.kv_cells else 0.0,
+    ),
+    (
+        "prefix_cache_queried_tokens", CounterMetricFamily,
+        "Prompt tokens looked up in the prefix cache (every admitted request's prompt).",
+        lambda scheduler, _: scheduler.prefix_cache.stats.queried_tokens,
+    ),
+    (
+        "prefix_cache_hit_tokens", CounterMetricFamily,
+        "Prompt tokens whose KV the prefix cache supplied instead of a prefill.",
+        lambda scheduler, _: scheduler.prefix_cache.stats.reused_tokens,
+    ),
+    (
+        "speculative_drafted_tokens", CounterMetricFamily, "Prompt-lookup guesses checked.",
+        lambda scheduler, _: scheduler.timings.drafted_tokens,
+    ),
+    (
+        "speculative_accepted_tokens", CounterMetricFamily, "Guesses that held: tokens gained.",
+        lambda scheduler, _: scheduler.timings.accepted_tokens,
+    ),
+    (
+        "idle_prefill_tokens", CounterMetricFamily,
+        "Finished requests' tokens prefilled while no request ran, for their next turn.",
+        lambda scheduler, _: scheduler.idle_prefill.stats.prefilled_tokens,
+    ),
+)  # fmt: skip
+
+
 class EngineCollector(Collector):
     """Each served model's scheduler, read at scrape time."""
 
@@ -57,60 +96,22 @@ class EngineCollector(Collector):
         self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        families = {
-            "running": GaugeMetricFamily(
-                PREFIX + "requests_running", "Requests admitted into the engine and not over.", labels=["model"]
-            ),
-            "waiting": GaugeMetricFamily(
-                PREFIX + "requests_waiting", "Requests queued for a sequence slot.", labels=["model"]
-            ),
-            "kv": GaugeMetricFamily(
-                PREFIX + "kv_cache_usage_ratio",
-                "KV cells holding running requests' tokens / KV cells of the context (0-1).",
-                labels=["model"],
-            ),
-            "queried": CounterMetricFamily(
-                PREFIX + "prefix_cache_queried_tokens",
-                "Prompt tokens looked up in the prefix cache (every admitted request's prompt).",
-                labels=["model"],
-            ),
-            "hit": CounterMetricFamily(
-                PREFIX + "prefix_cache_hit_tokens",
-                "Prompt tokens whose KV the prefix cache supplied instead of a prefill.",
-                labels=["model"],
-            ),
-            "drafted": CounterMetricFamily(
-                PREFIX + "speculative_drafted_tokens", "Prompt-lookup guesses checked.", labels=["model"]
-            ),
-            "accepted": CounterMetricFamily(
-                PREFIX + "speculative_accepted_tokens", "Guesses that held: tokens gained.", labels=["model"]
-            ),
-            "idle": CounterMetricFamily(
-                PREFIX + "idle_prefill_tokens",
-                "Finished requests' tokens prefilled while no request ran, for their next turn.",
-                labels=["model"],
-            ),
-            "rows": HistogramMetricFamily(
-                PREFIX + "decode_step_rows", "Sequences decoded per decode step.", labels=["model"]
-            ),
-        }
-        for model_id, served in self._models.all():
-            scheduler = served.scheduler
-            load = scheduler.load()
-            cache, timings = scheduler.prefix_cache.stats, scheduler.timings
-            families["running"].add_metric([model_id], load.running)
-            families["waiting"].add_metric([model_id], load.waiting)
-            families["kv"].add_metric([model_id], load.kv_cells_used / load.kv_cells if load.kv_cells else 0.0)
-            families["queried"].add_metric([model_id], cache.queried_tokens)
-            families["hit"].add_metric([model_id], cache.reused_tokens)
-            families["drafted"].add_metric([model_id], timings.drafted_tokens)
-            families["accepted"].add_metric([model_id], timings.accepted_tokens)
-            families["idle"].add_metric([model_id], scheduler.idle_prefill.stats.prefilled_tokens)
-            steps = dict(timings.steps_by_rows)  # a copy: the scheduler thread goes on counting
-            buckets = [(str(bound), sum(n for rows, n in steps.items() if rows <= bound)) for bound in _ROWS_BUCKETS]
+        schedulers = [(model_id, served.scheduler) for model_id, served in self._models.all()]
+        loads = [scheduler.load() for _, scheduler in schedulers]
+        for name, family_type, text, read in _ENGINE_METRICS:
+            family = family_type(PREFIX + name, text, labels=["model"])
+            for (model_id, scheduler), load in zip(schedulers, loads, strict=True):
+                family.add_metric([model_id], read(scheduler, load))
+            yield family
+        rows = HistogramMetricFamily(
+            PREFIX + "decode_step_rows", "Sequences decoded per decode step.", labels=["model"]
+        )
+        for model_id, scheduler in schedulers:
+            steps = dict(scheduler.timings.steps_by_rows)  # a copy: the scheduler thread goes on counting
+            buckets = [(str(bound), sum(n for count, n in steps.items() if count <= bound)) for bound in _ROWS_BUCKETS]
             buckets.append(("+Inf", sum(steps.values())))
-            families["rows"].add_metric([model_id], buckets, sum(rows * n for rows, n in steps.items()))
-        yield from families.values()
+            rows.add_metric([model_id], buckets, sum(count * n for count, n in steps.items()))
+        yield rows
 
 
 class ServiceMetrics:

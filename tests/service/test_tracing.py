@@ -177,18 +177,19 @@ def by_name(spans: list[tuple[str, object]]) -> dict[str, tuple[str, object]]:
     return {span.name: (service, span) for service, span in spans}
 
 
-def chat_body(**fields) -> dict:
-    return {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
+def post_chat(base_url: str, trace_id: str, **fields) -> httpx.Response:
+    """A chat completion over REST, sent as part of the trace `trace_id`."""
+    return httpx.post(
+        base_url + "/chat/completions",
+        json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields},
+        headers={"authorization": f"Bearer {API_KEY}", "traceparent": traceparent(trace_id)},
+        timeout=120,
+    )
 
 
 def test_a_rest_clients_trace_continues_through_the_adapter_into_the_service(receiver, traced):
     trace_id = "0af7651916cd43dd8448eb211c80319c"
-    answer = httpx.post(
-        traced.rest_base_url + "/chat/completions",
-        json=chat_body(temperature=0),
-        headers={"authorization": f"Bearer {API_KEY}", "traceparent": traceparent(trace_id)},
-        timeout=120,
-    ).raise_for_status()
+    answer = post_chat(traced.rest_base_url, trace_id, temperature=0).raise_for_status()
     request_id = answer.headers["x-request-id"]
     spans = by_name(receiver[0].of_trace(trace_id, 5))
 
@@ -224,12 +225,7 @@ def test_a_grpc_clients_traceparent_is_the_parent_of_the_service_span(receiver, 
 
 def test_a_refused_call_is_traced_with_its_status(receiver, traced):
     trace_id = "99998888777766665555444433332222"
-    answer = httpx.post(
-        traced.rest_base_url + "/chat/completions",
-        json=chat_body(temperature=7),
-        headers={"authorization": f"Bearer {API_KEY}", "traceparent": traceparent(trace_id)},
-        timeout=120,
-    )
+    answer = post_chat(traced.rest_base_url, trace_id, temperature=7)
     assert answer.status_code == 400
     spans = by_name(receiver[0].of_trace(trace_id, 2))
     assert set(spans) == {"POST /v1/chat/completions", CHAT_SPAN}
@@ -259,12 +255,7 @@ def test_an_adapter_without_tracing_passes_the_clients_traceparent_on(receiver, 
         )  # fmt: skip
         adapter.wait_ready()
         trace_id = "abcdefabcdefabcdefabcdefabcdef12"
-        httpx.post(
-            f"http://{LOOPBACK}:{rest_port}/v1/chat/completions",
-            json=chat_body(max_tokens=2),
-            headers={"traceparent": traceparent(trace_id)},
-            timeout=120,
-        ).raise_for_status()
+        post_chat(f"http://{LOOPBACK}:{rest_port}/v1", trace_id, max_tokens=2).raise_for_status()
         spans = by_name(receiver[0].of_trace(trace_id, 4))
     finally:
         for server in (adapter, service):
