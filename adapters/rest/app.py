@@ -10,6 +10,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from adapters.rest.access_log import AccessLogMiddleware
 from adapters.rest.body import BodyReader
 from adapters.rest.metrics import MetricsMiddleware
 from adapters.rest.routes import EXCEPTION_HANDLERS, ROUTES
@@ -52,11 +53,12 @@ def create_app(
             app.state.body_reader.close()
             await app.state.upstream.close()
 
-    # Outside the exception handlers: they see every answer, the error envelopes included.
-    middleware = [Middleware(MetricsMiddleware)]
+    # Outside the exception handlers: they see every answer, the error envelopes included. The access
+    # line's comes first, as it gives the request its id.
+    middleware = [Middleware(AccessLogMiddleware), Middleware(MetricsMiddleware)]
     tracer = tracing.tracer()
     if tracer is not None:
-        middleware.insert(0, Middleware(TracingMiddleware, tracer=tracer))
+        middleware.insert(1, Middleware(TracingMiddleware, tracer=tracer))
     app = Starlette(
         routes=ROUTES,
         exception_handlers=EXCEPTION_HANDLERS,
@@ -97,6 +99,8 @@ def run(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         log_level=log_level,
+        # access_log.py writes them, with the request id.
+        access_log=False,
         lifespan="on",
         # chatrpc/logs.py has configured the root logger (text or JSON); uvicorn's loggers go there.
         log_config=None,

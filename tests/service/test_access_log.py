@@ -66,11 +66,11 @@ def log_records(server) -> list[dict]:
     return records
 
 
-def access_line(server, request_id: str) -> dict:
+def access_line(server, request_id: str, logger: str = "chatrpc.access") -> dict:
     deadline = time.monotonic() + LOG_WITHIN
     while time.monotonic() < deadline:
         for record in log_records(server):
-            if record.get("logger") == "chatrpc.access" and record.get("request_id") == request_id:
+            if record.get("logger") == logger and record.get("request_id") == request_id:
                 return record
         time.sleep(0.1)
     tail = "\n".join(server.log().splitlines()[-20:])
@@ -158,3 +158,24 @@ def test_a_call_refused_for_its_key_has_an_access_line_without_the_key(json_serv
     assert line["status"] == "UNAUTHENTICATED" and line["method"] == "CreateChatCompletion"
     assert line["api_key"] is None and line["prompt_tokens"] == 0
     assert "not-the-key-5150" not in json_server.log()
+
+
+def test_the_adapter_writes_an_access_line_per_http_request_with_its_id(json_server):
+    root = json_server.rest_base_url
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": SECRET_PROMPT}], "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {API_KEY}", "X-Request-Id": "http-line-1"}
+    with httpx.Client(base_url=root, timeout=120) as http:
+        assert http.post("/chat/completions", json=body, headers=headers).status_code == 200
+        missing = http.get("/no-such-route")
+    line = access_line(json_server, "http-line-1", "chatrpc.rest.access")
+    assert line["level"] == "INFO" and line["status"] == 200 and line["duration_ms"] > 0
+    assert line["http_method"] == "POST" and line["path"] == "/v1/chat/completions"
+    assert line["client"].startswith("127.0.0.1:")
+    # The same id on the service's line about the call.
+    assert access_line(json_server, "http-line-1")["method"] == "CreateChatCompletion"
+    # A request that reaches no route gets its id too, the one its answer carries.
+    assert access_line(json_server, missing.headers["x-request-id"], "chatrpc.rest.access")["status"] == 404
+    # uvicorn's own lines, which have no id, are off; the prompt and the key are in no line.
+    records = log_records(json_server)
+    assert not [record for record in records if record.get("logger") == "uvicorn.access"]
+    assert SECRET_PROMPT not in json_server.log() and API_KEY not in json_server.log()
