@@ -521,7 +521,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(rest)
     _add_rest_flags(rest, host_flag="--host", port_flag="--port")
     rest.add_argument(
-        "--upstream", default="127.0.0.1:50051", metavar="HOST:PORT", help="the gRPC service (default: %(default)s)"
+        "--upstream",
+        default="127.0.0.1:50051",
+        metavar="TARGET",
+        help="the gRPC service: HOST:PORT, or any gRPC target naming several replicas (dns:///NAME:PORT, "
+        "ipv4:HOST:PORT,HOST:PORT) (default: %(default)s)",
+    )
+    from adapters.rest.routing import Routing
+
+    rest.add_argument(
+        "--routing",
+        choices=[policy.value for policy in Routing],
+        default=Routing.PREFIX.value,
+        help="how each call picks a healthy replica: 'prefix' sends every turn of a chat (by a hash of its beginning, "
+        "or its X-Session-Id) to the same one, whose prefix cache holds the chat; 'round-robin' takes them in turn "
+        "(default: %(default)s)",
     )
     rest.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address in front of a service that needs no key"
@@ -614,6 +628,9 @@ def _check_rest_certificate(args: argparse.Namespace) -> None:
         check_key_pair(args.rest_tls_cert, args.rest_tls_key)
 
 
+_UPSTREAM_WAIT_SECONDS = 60
+
+
 def _rest_upstream_is_open(upstream: str, tls=None) -> bool:
     """Whether the gRPC service answers without a key (then the adapter must stay on loopback), asked
     with the adapter's own TLS credentials (`tls`, chatrpc/tls.py): a client certificate lets it in
@@ -628,7 +645,10 @@ def _rest_upstream_is_open(upstream: str, tls=None) -> bool:
         channel = grpc.secure_channel(upstream, tls.credentials, options=list(tls.options))
     with channel:
         try:
-            chat_pb2_grpc.ChatCompletionsStub(channel).ListModels(chat_pb2.ListModelsRequest(), timeout=5)
+            # Waits a while for the service to come up: adapters and replicas start together (a
+            # Kubernetes rollout), and one that cannot be asked counts as open.
+            stub = chat_pb2_grpc.ChatCompletionsStub(channel)
+            stub.ListModels(chat_pb2.ListModelsRequest(), timeout=_UPSTREAM_WAIT_SECONDS, wait_for_ready=True)
             return True
         except grpc.RpcError as error:
             return error.code() != grpc.StatusCode.UNAUTHENTICATED
@@ -636,6 +656,7 @@ def _rest_upstream_is_open(upstream: str, tls=None) -> bool:
 
 def _run_rest(args: argparse.Namespace) -> None:
     from adapters.rest.app import run
+    from adapters.rest.routing import Routing
     from service.bind_policy import is_loopback_host
 
     _check_rest_certificate(args)
@@ -655,6 +676,7 @@ def _run_rest(args: argparse.Namespace) -> None:
         upstream_tls=upstream_tls,
         ssl_certfile=None if args.rest_tls_cert is None else args.rest_tls_cert.path,
         ssl_keyfile=None if args.rest_tls_key is None else args.rest_tls_key.path,
+        routing=Routing(args.routing),
     )
 
 

@@ -14,6 +14,7 @@ from adapters.rest.access_log import AccessLogMiddleware
 from adapters.rest.body import BodyReader
 from adapters.rest.metrics import MetricsMiddleware
 from adapters.rest.routes import EXCEPTION_HANDLERS, ROUTES
+from adapters.rest.routing import Routing
 from adapters.rest.tracing import TracingMiddleware
 from adapters.rest.upstream import Upstream
 from chatrpc import tracing
@@ -35,17 +36,19 @@ def create_app(
     max_request_bytes: int,
     grpc_options: Sequence[tuple[str, Any]] = DEFAULT_GRPC_OPTIONS,
     upstream_tls: ChannelTLS | None = None,
+    routing: Routing = Routing.PREFIX,
 ) -> Starlette:
-    """The OpenAI-compatible REST API in front of the chatrpc gRPC service at ``upstream``
-    (``HOST:PORT``), refusing request bodies over ``max_request_bytes`` (body.py). One ``grpc.aio``
-    channel, opened at startup and closed at shutdown, carries every request; over TLS (and mTLS)
-    with ``upstream_tls``, in plaintext without."""
+    """The OpenAI-compatible REST API in front of the chatrpc gRPC service at ``upstream`` (a gRPC
+    target: ``HOST:PORT``, or several replicas, which ``routing`` picks from: routing.py), refusing
+    request bodies over ``max_request_bytes`` (body.py). One ``grpc.aio`` channel, opened at startup
+    and closed at shutdown, carries every request; over TLS (and mTLS) with ``upstream_tls``, in
+    plaintext without."""
     options = list(grpc_options) if upstream_tls is None else [*grpc_options, *upstream_tls.options]
     credentials = None if upstream_tls is None else upstream_tls.credentials
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.upstream = Upstream(upstream, options, credentials)
+        app.state.upstream = Upstream(upstream, options, credentials, routing)
         try:
             await app.state.body_reader.start()
             yield
@@ -79,6 +82,7 @@ def run(
     upstream_tls: ChannelTLS | None = None,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    routing: Routing = Routing.PREFIX,
 ) -> None:
     """Serves the adapter on ``host:port`` with uvicorn until interrupted: HTTPS with the PEM
     certificate chain and key in ``ssl_certfile`` and ``ssl_keyfile``, HTTP without."""
@@ -93,7 +97,7 @@ def run(
     # as the gRPC service does; before uvicorn takes the signal over, it stops the start-up.
     signal.signal(signal.SIGTERM, _exit_drained)
     uvicorn.run(
-        create_app(upstream, max_request_bytes=max_request_bytes, upstream_tls=upstream_tls),
+        create_app(upstream, max_request_bytes=max_request_bytes, upstream_tls=upstream_tls, routing=routing),
         host=host,
         port=port,
         ssl_certfile=ssl_certfile,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from adapters.rest.errors import APIError, invalid_request
+from adapters.rest.routing import conversation_affinity
 from adapters.rest.translate import chat_request_from_json, parse_body
 from chatrpc.v1.wire import requested_choices
 
@@ -43,13 +44,18 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     choices: int
+    affinity: str  # the replica-picking hash of the chat's beginning (routing.py)
 
 
 def translate_body(body: bytes) -> ChatRequest:
     """The body of a ``POST /v1/chat/completions``; raises a 400 ``APIError`` when it is not one."""
     message = chat_request_from_json(parse_body(body))
     return ChatRequest(
-        message.SerializeToString(), message.stream, message.stream_options.include_usage, requested_choices(message)
+        message.SerializeToString(),
+        message.stream,
+        message.stream_options.include_usage,
+        requested_choices(message),
+        conversation_affinity(message),
     )
 
 

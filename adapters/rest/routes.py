@@ -47,7 +47,7 @@ async def create_chat_completion(request: Request) -> Response:
     upstream = _upstream(request)
     if chat.stream:
         return await stream_chat_completion(request, upstream.stream_chat_completion, chat)
-    completion = await unary_call(request, upstream.create_chat_completion, chat.wire)
+    completion = await unary_call(request, upstream.create_chat_completion, chat.wire, chat.affinity)
     return _json(request, chat_completion_to_json(completion))
 
 

@@ -51,7 +51,7 @@ async def stream_chat_completion(
 ) -> EventStreamResponse:
     """Starts the streaming call and waits for its first chunk; raises ``APIError`` if the service
     fails before that and ``ClientDisconnected`` if the client leaves first."""
-    call = method(chat.wire, metadata=call_metadata(request))
+    call = method(chat.wire, metadata=call_metadata(request, chat.affinity))
     watch = DisconnectWatch(request, call)
     try:
         first = await call.read()

@@ -24,9 +24,11 @@ from starlette.requests import Request
 
 from adapters.rest.errors import APIError, from_rpc_error
 from adapters.rest.metrics import upstream_failed
+from adapters.rest.routing import SESSION_HEADER, Routing, service_config, session_affinity
 from chatrpc import tracing
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
 from chatrpc.v1.wire import (
+    AFFINITY_METADATA_KEY,
     AUTHORIZATION_METADATA_KEY,
     REQUEST_ID_METADATA_KEY,
     TRACE_CONTEXT_METADATA_KEYS,
@@ -62,10 +64,14 @@ class Upstream:
         target: str,
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
+        routing: Routing = Routing.PREFIX,
     ) -> None:
-        """``credentials``: TLS (chatrpc/tls.py) for a service that speaks it; None: plaintext."""
+        """``target``: any gRPC target, one replica or several (routing.py picks one per call);
+        ``credentials``: TLS (chatrpc/tls.py) for a service that speaks it; None: plaintext."""
         self.target = target
-        merged = list({**dict(_RECONNECT_OPTIONS), **dict(options)}.items())  # the caller's options win
+        balancing = (("grpc.service_config", service_config(routing)),)
+        # The caller's options win.
+        merged = list({**dict(_RECONNECT_OPTIONS), **dict(balancing), **dict(options)}.items())
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(target, options=merged)
         else:
@@ -127,10 +133,14 @@ def trace_context(request: Request) -> tuple[tuple[str, str], ...]:
     )
 
 
-def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata for a call made on behalf of ``request``: its request id, trace context and
-    credentials."""
+def call_metadata(request: Request, affinity: str | None = None) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for a call made on behalf of ``request``: its request id, trace context,
+    credentials, and for a chat the key that picks its replica (``affinity``: the conversation's
+    hash, which the client's ``X-Session-Id`` overrides; routing.py)."""
     identity = ((REQUEST_ID_METADATA_KEY, request_id(request)), *trace_context(request))
+    if affinity is not None:
+        affinity = session_affinity(request.headers.get(SESSION_HEADER)) or affinity
+        identity = (*identity, (AFFINITY_METADATA_KEY, affinity))
     authorization = request.headers.get("authorization")
     if authorization is None:
         return identity
@@ -176,10 +186,10 @@ async def _cancel_on_disconnect(receive, call: grpc.aio.Call) -> bool:
     return True
 
 
-async def unary_call(request: Request, method: grpc.aio.UnaryUnaryMultiCallable, message):
+async def unary_call(request: Request, method: grpc.aio.UnaryUnaryMultiCallable, message, affinity: str | None = None):
     """Makes a unary call for ``request``; raises ``APIError`` on an error status and
     ``ClientDisconnected`` (after cancelling the call) when the client leaves first."""
-    call = method(message, metadata=call_metadata(request))
+    call = method(message, metadata=call_metadata(request, affinity))
     watch = DisconnectWatch(request, call)
     try:
         return await call

@@ -27,6 +27,11 @@ REQUEST_ID_METADATA_KEY = "x-request-id"
 # Longer ids are replaced, not cut: a cut id would no longer match the client's own.
 MAX_REQUEST_ID_LENGTH = 128
 
+# A hash of the chat's stable beginning (or the client's session id) that the REST adapter sends
+# with each chat call for gRPC's ring-hash balancing to pick the replica holding the chat's cache
+# (adapters/rest/routing.py); the service ignores it.
+AFFINITY_METADATA_KEY = "x-chatrpc-affinity"
+
 # W3C Trace Context (https://www.w3.org/TR/trace-context/): the HTTP headers of a client's trace,
 # carried as call metadata of the same names from the REST adapter to the service.
 TRACE_CONTEXT_METADATA_KEYS = ("traceparent", "tracestate")
