@@ -17,6 +17,8 @@ from chatrpc.v1 import chat_pb2
 from service.access_log import CallRecord
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatCompletions"].full_name
+# OpenTelemetry's GenAI names of the operations (gen_ai.operation.name): a text completion's, else a chat's.
+_TEXT_COMPLETION_METHODS = ("CreateCompletion", "StreamCompletion")
 
 
 def record_spans(tracer: Any, record: CallRecord) -> None:
@@ -32,7 +34,7 @@ def record_spans(tracer: Any, record: CallRecord) -> None:
         "rpc.method": record.method,
         "rpc.grpc.status_code": record.status,
         "chatrpc.request_id": record.request_id,
-        "gen_ai.operation.name": "chat",
+        "gen_ai.operation.name": "text_completion" if record.method in _TEXT_COMPLETION_METHODS else "chat",
     }
     if record.model is not None:
         attributes["gen_ai.request.model"] = record.model

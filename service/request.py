@@ -2,14 +2,16 @@
 
 Every parameter of the spec is either honoured or refused here with INVALID_ARGUMENT naming it,
 never silently ignored. The checks that need no model come first (`check_parameters`), then the
-ones that need its tokenizer and context size (`build_generation`).
+ones that need its tokenizer and context size (`build_generation`). The checks of the fields that
+text completions share with chats (sampling, `n`, `stop`, streaming, `logit_bias`'s token ids) are
+the helpers that completion_request.py calls too.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
@@ -273,14 +275,14 @@ def check_tools(
     return tools, mode, name, parallel
 
 
-def check_parameters(
-    request: chat_pb2.ChatCompletionRequest, *, streaming: bool, max_choices: int, limits: RequestLimits
-) -> CheckedRequest:
-    """All checks that need no model, in the order the spec lists the fields; sizes before the
-    work they would cost."""
-    messages = check_messages(request.messages, limits.max_messages)
-    check_schema_sizes(request, limits.max_schema_bytes)
+# The requests that share the sampler's parameters: a chat's and a text completion's.
+SamplingRequest = chat_pb2.ChatCompletionRequest | chat_pb2.CompletionRequest
 
+
+def check_sampling(request: SamplingRequest, limits: RequestLimits) -> SamplingParams:
+    """The sampler's parameters that chats and text completions share: penalties, logit_bias
+    (its size; its token ids need the model: `check_logit_bias_tokens`), seed, temperature and
+    top_p. Log probabilities are asked for differently by each API and left out."""
     frequency_penalty = presence_penalty = 0.0
     if request.HasField("frequency_penalty"):
         frequency_penalty = _check_range("frequency_penalty", request.frequency_penalty, -2.0, 2.0)
@@ -296,6 +298,65 @@ def check_parameters(
     for token, bias in request.logit_bias.items():
         _check_range(f"logit_bias.{token}", bias, -100.0, 100.0)
         logit_bias[token] = bias
+
+    temperature = 1.0
+    if request.HasField("temperature"):
+        temperature = _check_range("temperature", request.temperature, 0.0, 2.0)
+    top_p = 1.0
+    if request.HasField("top_p"):
+        top_p = _check_range("top_p", request.top_p, 0.0, 1.0, low_open=True)
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        logit_bias=logit_bias,
+        seed=request.seed if request.HasField("seed") else None,
+    )
+
+
+def check_choices(request: SamplingRequest, max_choices: int) -> int:
+    """`n`, within the server's limit."""
+    n = requested_choices(request)
+    if not 1 <= n <= max_choices:
+        raise InvalidArgument("n", f"'n' must be in [1, {max_choices}], got {n}.")
+    return n
+
+
+def check_stop(request: SamplingRequest, limits: RequestLimits) -> list[str]:
+    """The stop strings: how many and how long before they are matched at every step."""
+    if len(request.stop) > limits.max_stop_strings:
+        raise InvalidArgument(
+            "stop", f"'stop' takes at most {limits.max_stop_strings} strings, got {len(request.stop)}."
+        )
+    stop = list(request.stop)
+    if any(not s for s in stop):
+        raise InvalidArgument("stop", "Stop strings must not be empty.")
+    if any(len(s) > limits.max_stop_length for s in stop):
+        raise InvalidArgument("stop", f"Stop strings must be at most {limits.max_stop_length} characters long.")
+    return stop
+
+
+def check_streaming(request: SamplingRequest, *, streaming: bool, stream_method: str) -> bool:
+    """Whether a stream ends with a usage chunk; `stream` and `stream_options` fit the call
+    (`stream_method` is the streaming RPC a unary call that sets `stream` is pointed to)."""
+    if request.HasField("stream") and request.stream and not streaming:
+        raise InvalidArgument("stream", f"'stream' is true on a unary call: use {stream_method} to stream.")
+    if not request.HasField("stream_options"):
+        return False
+    if not streaming:
+        raise InvalidArgument("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+    return request.stream_options.include_usage
+
+
+def check_parameters(
+    request: chat_pb2.ChatCompletionRequest, *, streaming: bool, max_choices: int, limits: RequestLimits
+) -> CheckedRequest:
+    """All checks that need no model, in the order the spec lists the fields (the shared sampling
+    ones first); sizes before the work they would cost."""
+    messages = check_messages(request.messages, limits.max_messages)
+    check_schema_sizes(request, limits.max_schema_bytes)
+    sampling = check_sampling(request, limits)
 
     logprobs = request.logprobs if request.HasField("logprobs") else False
     top_logprobs = 0
@@ -317,60 +378,21 @@ def check_parameters(
                 raise InvalidArgument(name, f"'{name}' must be at least 1, got {value}.")
             max_tokens, max_tokens_param = value, name
 
-    n = requested_choices(request)
-    if not 1 <= n <= max_choices:
-        raise InvalidArgument("n", f"'n' must be in [1, {max_choices}], got {n}.")
-
+    n = check_choices(request, max_choices)
     json_schema = check_response_format(request)
-
-    seed = request.seed if request.HasField("seed") else None
-
-    if len(request.stop) > limits.max_stop_strings:
-        raise InvalidArgument(
-            "stop", f"'stop' takes at most {limits.max_stop_strings} strings, got {len(request.stop)}."
-        )
-    stop = list(request.stop)
-    if any(not s for s in stop):
-        raise InvalidArgument("stop", "Stop strings must not be empty.")
-    if any(len(s) > limits.max_stop_length for s in stop):
-        raise InvalidArgument("stop", f"Stop strings must be at most {limits.max_stop_length} characters long.")
-
-    if request.HasField("stream") and request.stream and not streaming:
-        raise InvalidArgument("stream", "'stream' is true on a unary call: use StreamChatCompletion to stream.")
-    include_usage = False
-    if request.HasField("stream_options"):
-        if not streaming:
-            raise InvalidArgument("stream_options", "'stream_options' is only allowed when 'stream' is true.")
-        include_usage = request.stream_options.include_usage
-
-    temperature = 1.0
-    if request.HasField("temperature"):
-        temperature = _check_range("temperature", request.temperature, 0.0, 2.0)
+    stop = check_stop(request, limits)
+    include_usage = check_streaming(request, streaming=streaming, stream_method="StreamChatCompletion")
 
     tools, tool_choice, tool_name, parallel_tool_calls = check_tools(request, limits.max_tools)
     if json_schema is not None and tool_choice == "auto":
         raise InvalidArgument("response_format", "A JSON 'response_format' cannot be combined with tool_choice 'auto'.")
 
-    top_p = 1.0
-    if request.HasField("top_p"):
-        top_p = _check_range("top_p", request.top_p, 0.0, 1.0, low_open=True)
-
-    sampling = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
-        logit_bias=logit_bias,
-        seed=seed,
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-    )
     return CheckedRequest(
         messages=messages,
         max_tokens=max_tokens,
         max_tokens_param=max_tokens_param,
         stop=stop,
-        sampling=sampling,
+        sampling=replace(sampling, logprobs=logprobs, top_logprobs=top_logprobs),
         include_usage=include_usage,
         n=n,
         json_schema=json_schema,
@@ -388,7 +410,11 @@ def least_prompt_tokens(messages: list[dict[str, Any]], longest_token_bytes: int
     message's content), and it has at least as many bytes as characters; no token covers more
     than `longest_token_bytes` of them. So a prompt far beyond the context is refused for the cost
     of summing string lengths, and one of millions of tokens is never tokenized."""
-    characters = sum(len(message["content"] or "") for message in messages)
+    return least_tokens(sum(len(message["content"] or "") for message in messages), longest_token_bytes)
+
+
+def least_tokens(characters: int, longest_token_bytes: int) -> int:
+    """A lower bound of the tokens that text of `characters` characters takes (least_prompt_tokens)."""
     return -(-characters // longest_token_bytes)
 
 
@@ -398,6 +424,15 @@ class Capabilities:
 
     tools: bool = True
     json: bool = True
+
+
+def check_logit_bias_tokens(sampling: SamplingParams, model: LoadedModel) -> None:
+    """Each token id of logit_bias is in the model's vocabulary."""
+    for token in sampling.logit_bias:
+        if not 0 <= token < model.vocab_size:
+            raise InvalidArgument(
+                "logit_bias", f"Token id {token} in 'logit_bias' is not in the vocabulary [0, {model.vocab_size})."
+            )
 
 
 def build_generation(
@@ -411,11 +446,7 @@ def build_generation(
         )
     if checked.tools and not capabilities.tools:
         raise InvalidArgument("tools", f"The model '{model.model_id}' does not support tools.")
-    for token in checked.sampling.logit_bias:
-        if not 0 <= token < model.vocab_size:
-            raise InvalidArgument(
-                "logit_bias", f"Token id {token} in 'logit_bias' is not in the vocabulary [0, {model.vocab_size})."
-            )
+    check_logit_bias_tokens(checked.sampling, model)
     context = model.context_per_sequence
     least = least_prompt_tokens(checked.messages, model.longest_token_bytes)
     if least >= context:

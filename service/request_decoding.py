@@ -1,11 +1,12 @@
-"""The bytes of a ChatCompletionRequest into the message, or into the reason they are not one.
+"""The bytes of a ChatCompletionRequest (or a CompletionRequest) into the message, or into the reason
+they are not one.
 
 grpc answers a request its deserializer cannot decode with INTERNAL and no word of why; yet bytes
-that are not a valid request are the client's fault. The chat methods are registered with
-`decode_chat_request` instead (server.py), which hands the servicer an `UndecodableRequest` for such
-bytes, and the servicer refuses it with INVALID_ARGUMENT. A string field that is not UTF-8 (a lone
-surrogate from a client's JSON, cut-off text) is the usual cause; it is named in the REST spelling
-that other errors use (`messages[0].content`).
+that are not a valid request are the client's fault. The completion methods are registered with
+`decode_chat_request` and `decode_completion_request` instead (server.py), which hand the servicer
+an `UndecodableRequest` for such bytes, and the servicer refuses it with INVALID_ARGUMENT. A string
+field that is not UTF-8 (a lone surrogate from a client's JSON, cut-off text) is the usual cause; it
+is named in the REST spelling that other errors use (`messages[0].content`, `prompt`).
 """
 
 from __future__ import annotations
@@ -31,16 +32,24 @@ class UndecodableRequest:
 
 
 def decode_chat_request(data: bytes) -> chat_pb2.ChatCompletionRequest | UndecodableRequest:
+    return _decode(chat_pb2.ChatCompletionRequest, data)
+
+
+def decode_completion_request(data: bytes) -> chat_pb2.CompletionRequest | UndecodableRequest:
+    return _decode(chat_pb2.CompletionRequest, data)
+
+
+def _decode(message_class, data: bytes):
     try:
-        return chat_pb2.ChatCompletionRequest.FromString(data)
+        return message_class.FromString(data)
     except DecodeError as error:
-        param = _invalid_utf8(data, chat_pb2.ChatCompletionRequest.DESCRIPTOR, "")
+        param = _invalid_utf8(data, message_class.DESCRIPTOR, "")
         if param is not None:
             return UndecodableRequest(
                 InvalidArgument(param, f"Invalid '{param}': the text is not valid UTF-8 (or holds a lone surrogate).")
             )
         return UndecodableRequest(
-            InvalidArgument(None, f"The request is not a valid chatrpc.v1.ChatCompletionRequest: {error}")
+            InvalidArgument(None, f"The request is not a valid {message_class.DESCRIPTOR.full_name}: {error}")
         )
 
 
@@ -50,10 +59,13 @@ def _rest_name(descriptor: Descriptor, field: FieldDescriptor, index: int, path:
         return path  # inside a JSON value (a schema) or a map entry: the path names the field holding it
     if descriptor is chat_pb2.ContentParts.DESCRIPTOR:
         return f"{path}[{index}]"  # the parts are the content list itself
-    # A message's content is one JSON field, "content", a string or a list of parts.
-    name = (
-        "content" if descriptor is chat_pb2.ChatMessage.DESCRIPTOR and field.name in ("text", "parts") else field.name
-    )
+    # A message's content is one JSON field, "content", a string or a list of parts; so is a
+    # completion's prompt, text or token ids.
+    name = field.name
+    if descriptor is chat_pb2.ChatMessage.DESCRIPTOR and field.name in ("text", "parts"):
+        name = "content"
+    elif descriptor is chat_pb2.CompletionRequest.DESCRIPTOR and field.name in ("text", "tokens"):
+        name = "prompt"
     here = f"{path}.{name}" if path else name
     if field.is_repeated and not (field.message_type and field.message_type.GetOptions().map_entry):
         here += f"[{index}]"

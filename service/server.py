@@ -24,7 +24,7 @@ from service.grpc_settings import ConnectionSettings
 from service.limits import RequestLimits
 from service.metrics import ServiceMetrics
 from service.models import ModelRegistry
-from service.request_decoding import decode_chat_request
+from service.request_decoding import decode_chat_request, decode_completion_request
 from service.servicer import ChatCompletionsServicer
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ class GrpcServerConfig:
 
 
 def _add_chat_service(servicer: ChatCompletionsServicer, server: grpc.aio.Server) -> None:
-    """What chat_pb2_grpc.add_ChatCompletionsServicer_to_server does, but with the chat requests
-    decoded by request_decoding.py, so that undecodable bytes are INVALID_ARGUMENT, not INTERNAL."""
+    """What chat_pb2_grpc.add_ChatCompletionsServicer_to_server does, but with the chat and text
+    completion requests decoded by request_decoding.py, so that undecodable bytes are
+    INVALID_ARGUMENT, not INTERNAL."""
     handlers = {
         "CreateChatCompletion": grpc.unary_unary_rpc_method_handler(
             servicer.CreateChatCompletion,
@@ -67,6 +68,16 @@ def _add_chat_service(servicer: ChatCompletionsServicer, server: grpc.aio.Server
             servicer.ListModels,
             request_deserializer=chat_pb2.ListModelsRequest.FromString,
             response_serializer=chat_pb2.ModelList.SerializeToString,
+        ),
+        "CreateCompletion": grpc.unary_unary_rpc_method_handler(
+            servicer.CreateCompletion,
+            request_deserializer=decode_completion_request,
+            response_serializer=chat_pb2.Completion.SerializeToString,
+        ),
+        "StreamCompletion": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamCompletion,
+            request_deserializer=decode_completion_request,
+            response_serializer=chat_pb2.Completion.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -1,10 +1,12 @@
-"""A request body read under the size limit and made into the bytes of a ChatCompletionRequest.
+"""A request body read under the size limit and made into the bytes of a ChatCompletionRequest (or
+of a CompletionRequest, for a text completion).
 
 The limit is checked against ``Content-Length`` before a byte is read, and again while a chunked
 body arrives, so a body over it is never buffered: the answer is a 413 ``request_too_large`` and the
 connection closes (the server will not read the rest).
 
-A body within the limit is parsed, translated (translate.py) and serialized for the gRPC call. A
+A body within the limit is parsed, translated (translate.py, translate_completions.py) and
+serialized for the gRPC call. A
 small one is done on the event loop, where sending it elsewhere would cost more than the work. A
 large one goes to worker processes at the lowest CPU priority: parsing a megabyte of JSON holds the
 interpreter's lock for milliseconds in one C call, which a worker thread would not give back to the
@@ -19,6 +21,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from adapters.rest.errors import APIError, invalid_request
-from adapters.rest.routing import conversation_affinity
+from adapters.rest.routing import conversation_affinity, prompt_affinity
 from adapters.rest.translate import chat_request_from_json, parse_body
+from adapters.rest.translate_completions import completion_request_from_json
 from chatrpc.v1.wire import requested_choices
 
 # Bodies up to this size are translated on the event loop: a typical request is far smaller, and the
@@ -37,25 +41,38 @@ _LOWEST_PRIORITY = 19
 
 
 @dataclass(frozen=True)
-class ChatRequest:
-    """A chat request as the routes use it: its proto's bytes for the call, and what shapes the answer."""
+class TranslatedRequest:
+    """A chat or text completion request as the routes use it: its proto's bytes for the call, and
+    what shapes the answer."""
 
     wire: bytes
     stream: bool
     include_usage: bool
     choices: int
-    affinity: str  # the replica-picking hash of the chat's beginning (routing.py)
+    affinity: str  # the replica-picking hash of the chat's (or the prompt's) beginning (routing.py)
 
 
-def translate_body(body: bytes) -> ChatRequest:
+def translate_chat_body(body: bytes) -> TranslatedRequest:
     """The body of a ``POST /v1/chat/completions``; raises a 400 ``APIError`` when it is not one."""
     message = chat_request_from_json(parse_body(body))
-    return ChatRequest(
+    return TranslatedRequest(
         message.SerializeToString(),
         message.stream,
         message.stream_options.include_usage,
         requested_choices(message),
         conversation_affinity(message),
+    )
+
+
+def translate_completion_body(body: bytes) -> TranslatedRequest:
+    """The body of a ``POST /v1/completions``; raises a 400 ``APIError`` when it is not one."""
+    message = completion_request_from_json(parse_body(body))
+    return TranslatedRequest(
+        message.SerializeToString(),
+        message.stream,
+        message.stream_options.include_usage,
+        requested_choices(message),
+        prompt_affinity(message),
     )
 
 
@@ -99,7 +116,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 class BodyReader:
-    """Reads chat requests' bodies; owns the worker processes for the large ones."""
+    """Reads requests' bodies; owns the worker processes for the large ones."""
 
     def __init__(self, max_request_bytes: int, workers: int = 2) -> None:
         self.max_request_bytes = max_request_bytes
@@ -119,19 +136,27 @@ class BodyReader:
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._pool, os.getpid) for _ in range(self._workers)))
 
-    async def chat_request(self, request: Request) -> ChatRequest:
+    async def chat_request(self, request: Request) -> TranslatedRequest:
+        return await self._translated(request, translate_chat_body)
+
+    async def completion_request(self, request: Request) -> TranslatedRequest:
+        return await self._translated(request, translate_completion_body)
+
+    async def _translated(self, request: Request, translate: Callable[[bytes], TranslatedRequest]) -> TranslatedRequest:
+        """The body read and made into a request by ``translate`` (a module-level function: a worker
+        process gets it pickled by name)."""
         body = await read_body(request, self.max_request_bytes)
         if len(body) <= _INLINE_BYTES:
-            return translate_body(body)
+            return translate(body)
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, translate_body, body)
+            return await loop.run_in_executor(self._pool, translate, body)
         except BrokenProcessPool:
             # A worker died (killed from outside, out of memory): the pool is unusable from then on.
             # A new one takes this request and the ones after it.
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            return await loop.run_in_executor(self._pool, translate_body, body)
+            return await loop.run_in_executor(self._pool, translate, body)
 
     def close(self) -> None:
         # Waits for the workers to exit: idle ones do so at once, and the adapter's process may end

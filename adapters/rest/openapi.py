@@ -3,12 +3,14 @@
 - The JSON bodies are the messages of protos/chatrpc/v1/chat.proto: their descriptors (the committed
   stubs, which the adapter runs) give the fields, their types and their nesting, and the .proto's
   comments, read back through protoc, describe them.
-- The request's top-level fields are translate.py's field table, its part types and integer bounds;
+- The request's top-level fields are translate.py's field table (translate_completions.py's for a
+  text completion), its part types and integer bounds;
   enum values are spelled by chatrpc/v1/wire.py; the error envelope is errors.py's, with a response
   for every status of its gRPC mapping.
 - What the proto cannot say is written here once, each table naming the code it follows: where the
   JSON spelling differs from the proto's (translate.py), and the checks the service makes on a value
-  alone (service/request.py, service/tool_calls.py). Checks that depend on another field or on a flag
+  alone (service/request.py, service/completion_request.py, service/tool_calls.py). Checks that depend
+  on another field or on a flag
   (`n` up to --max-n, the prompt within the context) are in the descriptions.
 
 ``make openapi`` writes the document to adapters/rest/openapi.json (``python -m adapters.rest.openapi``)
@@ -30,7 +32,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from adapters.rest import errors, translate
+from adapters.rest import errors, translate, translate_completions
 from chatrpc.v1 import chat_pb2 as pb
 from chatrpc.v1.wire import FINISH_REASON_NAMES, RESPONSE_FORMAT_TYPE_NAMES, ROLE_NAMES, TOOL_CHOICE_MODE_NAMES
 
@@ -58,12 +60,15 @@ _INTEGER_BOUNDS = {FieldDescriptor.TYPE_INT32: translate._INT32, FieldDescriptor
 _STRUCT = "google.protobuf.Struct"
 # The request fields translate.py requires.
 _REQUIRED_FIELDS = ("messages", "model")
+# A token's log probability as translate.py writes it: below this, this (JSON has no -Infinity).
+_LOGPROB = {"type": "number", "minimum": translate._MIN_LOGPROB}
 
 # ---------------------------------------------------------------------------
 # What the proto cannot say
 # ---------------------------------------------------------------------------
 
-# The checks service/request.py and service/tool_calls.py make on a value alone, as JSON Schema,
+# The checks service/request.py, service/completion_request.py and service/tool_calls.py make on a
+# value alone, as JSON Schema,
 # by the proto field they apply to (a repeated field's entry applies to each item); the service
 # refuses a value outside them with a 400 that names the field.
 _SERVICE_CHECKS: dict[str, JsonSchema] = {
@@ -83,10 +88,24 @@ _SERVICE_CHECKS: dict[str, JsonSchema] = {
     "chatrpc.v1.FunctionDefinition.name": {"pattern": "^[A-Za-z0-9_-]{1,64}$"},
     "chatrpc.v1.FunctionDefinition.parameters": {"properties": {"type": {"const": "object"}}},
     "chatrpc.v1.JsonSchema.name": {"pattern": "^[A-Za-z0-9_-]{1,64}$"},
+    "chatrpc.v1.CompletionRequest.best_of": {"minimum": 1},
+    "chatrpc.v1.CompletionRequest.frequency_penalty": {"minimum": -2, "maximum": 2},
+    "chatrpc.v1.CompletionRequest.LogitBiasEntry.value": {"minimum": -100, "maximum": 100},
+    "chatrpc.v1.CompletionRequest.logprobs": {"minimum": 0, "maximum": 5},
+    "chatrpc.v1.CompletionRequest.max_tokens": {"minimum": 1},
+    "chatrpc.v1.CompletionRequest.n": {"minimum": 1},
+    "chatrpc.v1.CompletionRequest.presence_penalty": {"minimum": -2, "maximum": 2},
+    "chatrpc.v1.CompletionRequest.stop": {"minLength": 1},
+    # No served model can fill in the middle: only an empty suffix, which asks for nothing.
+    "chatrpc.v1.CompletionRequest.suffix": {"maxLength": 0},
+    "chatrpc.v1.CompletionRequest.temperature": {"minimum": 0, "maximum": 2},
+    "chatrpc.v1.CompletionRequest.top_p": {"exclusiveMinimum": 0, "maximum": 1},
+    "chatrpc.v1.PromptTokens.ids": {"minimum": 0},
 }
 # The same for the number of items of a repeated field.
 _SERVICE_COUNT_CHECKS: dict[str, JsonSchema] = {
     "chatrpc.v1.ChatCompletionRequest.messages": {"minItems": 1},
+    "chatrpc.v1.PromptTokens.ids": {"minItems": 1},
 }
 
 # The content parts the service takes (service/request.py: _message_text): the models take text
@@ -101,6 +120,13 @@ _REQUEST_DEPENDENCIES: list[tuple[str, tuple, str, JsonSchema]] = [
     ("parallel_tool_calls", (), "tools", {"type": "array", "minItems": 1}),
     ("tool_choice", ("none",), "tools", {"type": "array", "minItems": 1}),
 ]
+# The same for a text completion (service/completion_request.py: check_completion_parameters).
+_COMPLETION_DEPENDENCIES: list[tuple[str, tuple, str, JsonSchema]] = [
+    ("stream_options", (), "stream", {"const": True}),
+]
+# And what a text completion's field rules out: with echo true, no logprobs (the prompt's tokens
+# have none).
+_COMPLETION_EXCLUSIONS: list[tuple[str, JsonSchema, str]] = [("echo", {"const": True}, "logprobs")]
 
 # Fields that the proto leaves without presence but translate.py lets a request leave out, filling
 # in a default ("function").
@@ -117,6 +143,7 @@ _OMITTED_WHEN_UNSET = {
     "chatrpc.v1.FunctionCallDelta",
     "chatrpc.v1.ResponseMessage.tool_calls",
     "chatrpc.v1.ChatCompletionChunk.usage",
+    "chatrpc.v1.Completion.usage",  # in a stream's chunks (a whole text completion always has it)
 }
 # Repeated response fields that translate.py writes as null when empty (as OpenAI does).
 _NULL_WHEN_EMPTY = {"chatrpc.v1.ChoiceLogprobs.content", "chatrpc.v1.ChoiceLogprobs.refusal"}
@@ -126,9 +153,19 @@ _OBJECT_NAMES = {
     "chatrpc.v1.ChatCompletionChunk": "chat.completion.chunk",
     "chatrpc.v1.ModelList": "list",
     "chatrpc.v1.Model": "model",
+    "chatrpc.v1.Completion": "text_completion",
 }
 # translate.py writes a token's log probability below this as this (JSON has no -Infinity).
-_LOGPROB_FIELDS = {"chatrpc.v1.TokenLogprob.logprob", "chatrpc.v1.TopLogprob.logprob"}
+_LOGPROB_FIELDS = {
+    "chatrpc.v1.TokenLogprob.logprob",
+    "chatrpc.v1.TopLogprob.logprob",
+    "chatrpc.v1.CompletionLogprobs.token_logprobs",
+}
+# Response enum fields that take only some of their enum's values: a text completion never calls tools.
+_ENUM_VALUES_USED = {"chatrpc.v1.CompletionChoice.finish_reason": ("stop", "length", "content_filter")}
+# A text completion's alternatives at a position, which translate_completions.py spells as an object
+# token -> logprob (the more likely of two with the same text).
+_TOKEN_MAPS = {"chatrpc.v1.TopLogprobs"}
 
 # Descriptions for the REST spelling where the .proto's comment speaks of gRPC.
 _REST_DESCRIPTIONS = {
@@ -164,6 +201,38 @@ _REST_DESCRIPTIONS = {
     "are refused.",
     "chatrpc.v1.ChatMessage.tool_call_id": "The call this message answers; required for role tool.",
     "chatrpc.v1.ToolChoice": "A mode (none, auto or required), or one function of tools by name.",
+    "chatrpc.v1.CompletionRequest": "The body of POST /v1/completions, the legacy text completion: the model "
+    "continues the prompt as it is, with no chat template. Fields set to null count as not set. An integer is "
+    "written without a fraction or exponent (1, not 1.0), as OpenAI requires.",
+    "chatrpc.v1.CompletionRequest.model": "Id of the model to use (GET /v1/models lists them).",
+    "chatrpc.v1.CompletionRequest.prompt": "What to continue: text (tokenized with the model's BOS token first; "
+    "text that spells a special token stays text), or token ids of the model's vocabulary (taken as they are). "
+    "OpenAI's arrays of strings and of token-id arrays hold a batch of prompts; this server takes one prompt per "
+    "request, so such an array holds exactly one. The prompt must fit the model's context.",
+    "chatrpc.v1.CompletionRequest.best_of": "How many candidates to generate and pick the best n from. This "
+    "server does not rank candidates: it must equal n (1 when n is left out).",
+    "chatrpc.v1.CompletionRequest.echo": "Whether each choice's text starts with the prompt's (in a stream, in "
+    "the choice's first chunk). Not with logprobs.",
+    "chatrpc.v1.CompletionRequest.logit_bias": "Token id -> bias in [-100, 100], added to that token's logit "
+    "before sampling; the ids are of the model's vocabulary; at most the server's --max-logit-bias entries.",
+    "chatrpc.v1.CompletionRequest.logprobs": "In [0, 5]: return the log probability of each generated token and "
+    "this many most likely alternatives per token (and the generated token among them when it is not one). "
+    "Not with echo.",
+    "chatrpc.v1.CompletionRequest.max_tokens": "The most tokens to generate; the prompt and these must fit the "
+    "model's context. Default 16, or what room the context leaves if less.",
+    "chatrpc.v1.CompletionRequest.n": "How many choices to generate for the prompt, at most the server's "
+    "--max-n. Default 1.",
+    "chatrpc.v1.CompletionRequest.stop": "A string or up to the server's --max-stop-strings strings (each of "
+    "at most --max-stop-length characters); generation stops before the first of them and never includes it.",
+    "chatrpc.v1.CompletionRequest.stream": "Send the completion as Server-Sent Events of text_completion "
+    "objects, ending with `data: [DONE]`.",
+    "chatrpc.v1.CompletionRequest.stream_options": "Options for streamed responses; only with stream true.",
+    "chatrpc.v1.CompletionRequest.suffix": "Text that comes after the completion (fill-in-the-middle). No served "
+    "model can fill in the middle: a suffix other than the empty string is refused.",
+    "chatrpc.v1.Completion.usage": "Token counts of the request: always in a whole completion; in a stream, "
+    "only when stream_options.include_usage is true: null in every chunk but the last, which has no choices.",
+    "chatrpc.v1.CompletionLogprobs.top_logprobs": "The most likely tokens at each position, each position an "
+    "object token -> logprob: `logprobs` of them, and the generated token too when it is not among them.",
 }
 
 # ---------------------------------------------------------------------------
@@ -236,14 +305,18 @@ class _Builder:
             schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}
         elif kind == FieldDescriptor.TYPE_ENUM:
             schema = self.enum(field.enum_type)
+            if field.full_name in _ENUM_VALUES_USED:
+                schema["enum"] = [value for value in schema["enum"] if value in _ENUM_VALUES_USED[field.full_name]]
         elif field.message_type.full_name == _STRUCT:
             schema = {"type": "object"}  # any JSON object (a JSON Schema)
+        elif field.message_type.full_name in _TOKEN_MAPS:
+            schema = {"type": "object", "additionalProperties": _LOGPROB}
         else:
             return self.ref(field.message_type, request=request)
         if request:
             schema = self.checked(field.full_name, schema)
         elif field.full_name in _LOGPROB_FIELDS:
-            schema["minimum"] = translate._MIN_LOGPROB
+            schema["minimum"] = _LOGPROB["minimum"]
         return schema
 
     @staticmethod
@@ -396,35 +469,86 @@ class _Builder:
 
     def request_body(self) -> JsonSchema:
         """ChatCompletionRequest with exactly the fields of translate.py's table, which refuses others."""
-        message = pb.ChatCompletionRequest.DESCRIPTOR
+        return self.top_level_request(
+            pb.ChatCompletionRequest.DESCRIPTOR, translate._FIELDS, _REQUIRED_FIELDS, _REQUEST_DEPENDENCIES
+        )
+
+    def completion_request_body(self) -> JsonSchema:
+        """CompletionRequest with exactly the fields of translate_completions.py's table."""
+        exclusions = [
+            {
+                "if": {"properties": {field: value}, "required": [field]},
+                "then": {"properties": {ruled_out: {"type": "null"}}},
+            }
+            for field, value, ruled_out in _COMPLETION_EXCLUSIONS
+        ]
+        return self.top_level_request(
+            pb.CompletionRequest.DESCRIPTOR,
+            translate_completions._FIELDS,
+            translate_completions.REQUIRED_FIELDS,
+            _COMPLETION_DEPENDENCIES,
+            exclusions,
+        )
+
+    def top_level_request(
+        self,
+        message: Descriptor,
+        fields: dict,
+        required: tuple[str, ...],
+        dependencies: list[tuple[str, tuple, str, JsonSchema]],
+        conditions: list[JsonSchema] = (),
+    ) -> JsonSchema:
+        """A request body with exactly the fields of a translation table (``fields``), which
+        refuses others."""
         properties = {}
-        for name in translate._FIELDS:
-            field = message.fields_by_name[name]
-            schema = self.field(field, request=True)
+        for name in fields:
+            if name in message.oneofs_by_name:
+                oneof = message.oneofs_by_name[name]
+                schema, full_name = self.prompt(oneof), oneof.full_name
+            else:
+                field = message.fields_by_name[name]
+                schema, full_name = self.field(field, request=True), field.full_name
             if name == "stop":  # translate.py (_stop): one string, or a list of them
                 schema = {"anyOf": [schema["items"], schema]}
-            # null is "not set" (translate.py), which the two required fields cannot be.
-            if name not in _REQUIRED_FIELDS:
+            # null is "not set" (translate.py), which the required fields cannot be.
+            if name not in required:
                 schema = _nullable(schema)
-            properties[name] = self.describe(field.full_name, schema)
-        name = message.name
-        self.schemas[name] = self.describe(
+            properties[name] = self.describe(full_name, schema)
+        dependent = [
+            {
+                "if": {"properties": {field: {"not": {"enum": [None, *unless]}}}, "required": [field]},
+                "then": {"properties": {needed: schema}, "required": [needed]},
+            }
+            for field, unless, needed, schema in dependencies
+        ]
+        self.schemas[message.name] = self.describe(
             message.full_name,
             {
                 "type": "object",
                 "properties": properties,
-                "required": list(_REQUIRED_FIELDS),
+                "required": list(required),
                 "additionalProperties": False,
-                "allOf": [
-                    {
-                        "if": {"properties": {field: {"not": {"enum": [None, *unless]}}}, "required": [field]},
-                        "then": {"properties": {needed: schema}, "required": [needed]},
-                    }
-                    for field, unless, needed, schema in _REQUEST_DEPENDENCIES
-                ],
+                "allOf": [*dependent, *conditions],
             },
         )
-        return {"$ref": _SCHEMAS + name}
+        return {"$ref": _SCHEMAS + message.name}
+
+    def prompt(self, oneof) -> JsonSchema:
+        """A text completion's prompt (translate_completions.py: _prompt): text or token ids, either
+        alone or as the one item of OpenAI's array of a batch."""
+        if oneof.full_name != "chatrpc.v1.CompletionRequest.prompt":
+            raise ValueError(f"no JSON spelling is known for the oneof {oneof.full_name}")
+        fields = {field.name: field for field in oneof.fields}
+        text = self.field(fields["text"], request=True)
+        ids = self.field(fields["tokens"].message_type.fields_by_name["ids"], request=True)
+        return {
+            "anyOf": [
+                text,
+                {"type": "array", "items": text, "minItems": 1, "maxItems": 1},
+                ids,
+                {"type": "array", "items": ids, "minItems": 1, "maxItems": 1},
+            ]
+        }
 
     # -- responses ------------------------------------------------------------
 
@@ -464,8 +588,8 @@ class _Builder:
 
 # What the adapter answers with a status of its own, beside the service's statuses (errors.py).
 _ADAPTER_ERRORS = {
-    400: "The adapter's own: a body that is not a JSON object, or a field that is unknown or of the wrong type; "
-    "`param` names the field.",
+    400: "The adapter's own: a body that is not a JSON object, a field that is unknown or of the wrong type, or "
+    "a text completion's prompt that is a batch of several; `param` names the field.",
     401: "The adapter's own: an Authorization header that no API key can be.",
     404: "The adapter's own: GET /v1/models/{model} of a model that is not served.",
     413: "A body larger than the server's --max-request-bytes, refused before it is read, or a request over the "
@@ -538,21 +662,10 @@ def _error_responses(statuses) -> dict[str, JsonSchema]:
     return {str(status): {"$ref": f"#/components/responses/Error{status}"} for status in statuses}
 
 
-def build() -> dict:
-    """The whole OpenAPI document."""
-    builder = _Builder(_proto_comments())
-    request_body = builder.request_body()
-    completion = builder.ref(pb.ChatCompletion.DESCRIPTOR, request=False)
-    chunk = builder.ref(pb.ChatCompletionChunk.DESCRIPTOR, request=False)
-    model_list = builder.ref(pb.ModelList.DESCRIPTOR, request=False)
-    model = builder.ref(pb.Model.DESCRIPTOR, request=False)
-    error = {"$ref": _SCHEMAS + "ErrorResponse"}
-
-    statuses = _error_statuses()
-    service_errors = [status for status in statuses if status != 413]
-    # Each event of the stream (OpenAPI 3.2's itemSchema): its data is a chunk, an error that ends
-    # the stream, or the [DONE] that ends it otherwise (sse.py).
-    stream = {
+def _event_stream(chunk: JsonSchema, error: JsonSchema) -> JsonSchema:
+    """Each event of a stream (OpenAPI 3.2's itemSchema): its data is a chunk, an error that ends
+    the stream, or the [DONE] that ends it otherwise (sse.py)."""
+    return {
         "itemSchema": {
             "type": "object",
             "properties": {
@@ -565,6 +678,24 @@ def build() -> dict:
             "required": ["data"],
         }
     }
+
+
+def build() -> dict:
+    """The whole OpenAPI document."""
+    builder = _Builder(_proto_comments())
+    request_body = builder.request_body()
+    completion = builder.ref(pb.ChatCompletion.DESCRIPTOR, request=False)
+    chunk = builder.ref(pb.ChatCompletionChunk.DESCRIPTOR, request=False)
+    model_list = builder.ref(pb.ModelList.DESCRIPTOR, request=False)
+    model = builder.ref(pb.Model.DESCRIPTOR, request=False)
+    text_request_body = builder.completion_request_body()
+    text_completion = builder.ref(pb.Completion.DESCRIPTOR, request=False)
+    usage = builder.ref(pb.Usage.DESCRIPTOR, request=False)
+    error = {"$ref": _SCHEMAS + "ErrorResponse"}
+
+    statuses = _error_statuses()
+    service_errors = [status for status in statuses if status != 413]
+    stream = _event_stream(chunk, error)
     paths = {
         "/v1/chat/completions": {
             "post": {
@@ -578,6 +709,32 @@ def build() -> dict:
                         "the stream has started is sent as one event, `data: ` and an ErrorResponse, that ends it.",
                         "headers": _REQUEST_ID,
                         "content": {_JSON: {"schema": completion}, "text/event-stream": stream},
+                    },
+                    **_error_responses(statuses),
+                },
+            }
+        },
+        "/v1/completions": {
+            "post": {
+                "operationId": "createCompletion",
+                "summary": "Creates a text completion (the legacy Completions API), at once or as a stream.",
+                "requestBody": {"required": True, "content": {_JSON: {"schema": text_request_body}}},
+                "responses": {
+                    "200": {
+                        "description": "The completion: a text_completion object, or with stream true Server-Sent "
+                        "Events, each `data: ` and a text_completion object (a chunk), the last `data: [DONE]`. An "
+                        "error after the stream has started is sent as one event, `data: ` and an ErrorResponse, "
+                        "that ends it.",
+                        "headers": _REQUEST_ID,
+                        "content": {
+                            # A whole completion always has its usage.
+                            _JSON: {
+                                "schema": {
+                                    "allOf": [text_completion, {"properties": {"usage": usage}, "required": ["usage"]}]
+                                }
+                            },
+                            "text/event-stream": _event_stream(text_completion, error),
+                        },
                     },
                     **_error_responses(statuses),
                 },
@@ -633,8 +790,9 @@ def build() -> dict:
         "info": {
             "title": "chatrpc",
             "version": pb.DESCRIPTOR.package.rpartition(".")[2],
-            "description": "OpenAI's Chat Completions API as chatrpc's REST adapter serves it, in front of the "
-            "gRPC service of protos/chatrpc/v1/chat.proto. Generated by adapters/rest/openapi.py.",
+            "description": "OpenAI's Chat Completions API, and its legacy Completions API, as chatrpc's REST "
+            "adapter serves them, in front of the gRPC service of protos/chatrpc/v1/chat.proto. Generated by "
+            "adapters/rest/openapi.py.",
         },
         "security": [{"bearerAuth": []}, {}],
         "paths": paths,

@@ -16,8 +16,15 @@ from starlette.routing import Route
 from adapters.rest.body import BodyReader
 from adapters.rest.errors import RETRY_AFTER_SECONDS, APIError, internal_error, method_not_allowed, not_found_route
 from adapters.rest.metrics import metrics
-from adapters.rest.sse import stream_chat_completion
-from adapters.rest.translate import chat_completion_to_json, encode, model_list_to_json, model_to_json
+from adapters.rest.sse import open_event_stream
+from adapters.rest.translate import (
+    chat_completion_to_json,
+    chunk_to_json,
+    encode,
+    model_list_to_json,
+    model_to_json,
+)
+from adapters.rest.translate_completions import text_completion_to_json
 from adapters.rest.upstream import (
     CHAT_SERVICE,
     REQUEST_ID_HEADER,
@@ -46,9 +53,20 @@ async def create_chat_completion(request: Request) -> Response:
     chat = await body_reader.chat_request(request)
     upstream = _upstream(request)
     if chat.stream:
-        return await stream_chat_completion(request, upstream.stream_chat_completion, chat)
+        return await open_event_stream(request, upstream.stream_chat_completion, chat, chunk_to_json)
     completion = await unary_call(request, upstream.create_chat_completion, chat.wire, chat.affinity)
     return _json(request, chat_completion_to_json(completion))
+
+
+async def create_completion(request: Request) -> Response:
+    """The legacy text completion."""
+    body_reader: BodyReader = request.app.state.body_reader
+    text = await body_reader.completion_request(request)
+    upstream = _upstream(request)
+    if text.stream:
+        return await open_event_stream(request, upstream.stream_completion, text, text_completion_to_json)
+    completion = await unary_call(request, upstream.create_completion, text.wire, text.affinity)
+    return _json(request, text_completion_to_json(completion))
 
 
 async def list_models(request: Request) -> Response:
@@ -101,6 +119,7 @@ async def openapi_document(request: Request) -> Response:
 
 ROUTES = [
     Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+    Route("/v1/completions", create_completion, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     # Model ids may contain slashes ("google/gemma-3-270m").
     Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),

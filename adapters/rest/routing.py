@@ -8,9 +8,10 @@ headless service, `ipv4:10.0.0.1:50051,10.0.0.2:50051`) or one. Either way the c
   so a retried call never duplicates a token;
 - picks the replica by one of two policies (`--routing`):
   - `prefix` (the default): `ring_hash` on a hash of the conversation's stable beginning (its
-    system messages, tools and first user message) or of the client's `X-Session-Id`, sent as the
-    AFFINITY_METADATA_KEY metadata; every turn of a chat then reaches the replica whose prefix
-    cache holds its history (the service's prefix cache, docs/engine.md);
+    system messages, tools and first user message; a text completion's: the start of its prompt)
+    or of the client's `X-Session-Id`, sent as the AFFINITY_METADATA_KEY metadata; every turn of a
+    chat then reaches the replica whose prefix cache holds its history (the service's prefix
+    cache, docs/engine.md);
   - `round-robin`: each call to the next healthy replica.
 """
 
@@ -72,6 +73,35 @@ def conversation_affinity(message: chat_pb2.ChatCompletionRequest) -> str:
         digest.update(turn.SerializeToString(deterministic=True))
         if turn.role not in _ROLES_BEFORE_THE_QUESTION:
             break
+    return digest.hexdigest()
+
+
+# How much of a text completion's prompt its replica-picking hash covers (prompt_affinity).
+_AFFINITY_PROMPT_CHARACTERS = 1024
+_AFFINITY_PROMPT_TOKENS = 256
+
+
+def prompt_affinity(message: chat_pb2.CompletionRequest) -> str:
+    """A hash of the model and the beginning of a text completion's prompt: its first 1024
+    characters, or its first 256 token ids.
+
+    A text prompt does not say which part of it stays the same from one request to the next, as a
+    chat's system message and first question do; what a later request can reuse from the prefix
+    cache is a beginning it shares with an earlier one (a few-shot preamble, a document asked
+    several questions). So only the prompt's start is hashed: prompts that share their first 1024
+    characters (some 256 tokens, a prefill worth keeping on one replica) reach the same replica,
+    and prompts that part sooner spread over the replicas, what they share being short and cheap
+    to prefill again."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(message.model.encode())
+    if message.WhichOneof("prompt") == "tokens":
+        digest.update(b"tokens")
+        digest.update(
+            b"".join(token.to_bytes(4, "little", signed=True) for token in message.tokens.ids[:_AFFINITY_PROMPT_TOKENS])
+        )
+    else:
+        digest.update(b"text")
+        digest.update(message.text[:_AFFINITY_PROMPT_CHARACTERS].encode())
     return digest.hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""``"stream": true``: the completion as Server-Sent Events, exactly as OpenAI sends them.
+"""``"stream": true``: the completion (chat or text) as Server-Sent Events, exactly as OpenAI sends them.
 
 Each chunk is ``data: {json}\\n\\n``; the stream ends with ``data: [DONE]\\n\\n``. The first chunk is
 awaited before the HTTP response starts, so that an error the service reports up front (a bad
@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from adapters.rest.body import ChatRequest
+from adapters.rest.body import TranslatedRequest
 from adapters.rest.errors import from_rpc_error, internal_error
 from adapters.rest.metrics import upstream_failed
-from adapters.rest.translate import chunk_to_json, encode
+from adapters.rest.translate import encode
 from adapters.rest.upstream import (
     REQUEST_ID_HEADER,
     ClientDisconnected,
@@ -27,7 +28,6 @@ from adapters.rest.upstream import (
     call_metadata,
     request_id,
 )
-from chatrpc.v1 import chat_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +40,24 @@ _HEADERS = [
 ]
 
 
+# A chunk (a ChatCompletionChunk or a Completion) as its JSON object, given whether the request
+# asked for the usage chunk (translate.py: chunk_to_json, translate_completions.py).
+ChunkToJson = Callable[[object, bool], dict]
+
+
 def _event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def stream_chat_completion(
+async def open_event_stream(
     request: Request,
     method: grpc.aio.UnaryStreamMultiCallable,
-    chat: ChatRequest,
+    translated: TranslatedRequest,
+    chunk_to_json: ChunkToJson,
 ) -> EventStreamResponse:
     """Starts the streaming call and waits for its first chunk; raises ``APIError`` if the service
     fails before that and ``ClientDisconnected`` if the client leaves first."""
-    call = method(chat.wire, metadata=call_metadata(request, chat.affinity))
+    call = method(translated.wire, metadata=call_metadata(request, translated.affinity))
     watch = DisconnectWatch(request, call)
     try:
         first = await call.read()
@@ -69,24 +75,29 @@ async def stream_chat_completion(
         watch.stop()
         call.cancel()
         raise
-    return EventStreamResponse(call, watch, first, chat.include_usage, chat.choices, request_id(request))
+    return EventStreamResponse(
+        call, watch, first, translated.include_usage, translated.choices, request_id(request), chunk_to_json
+    )
 
 
 class EventStreamResponse:
-    """An ASGI response that relays a started ``StreamChatCompletion`` call as SSE."""
+    """An ASGI response that relays a started ``StreamChatCompletion`` (or ``StreamCompletion``)
+    call as SSE."""
 
     def __init__(
         self,
         call: grpc.aio.UnaryStreamCall,
         watch: DisconnectWatch,
-        first: chat_pb2.ChatCompletionChunk | object,
+        first: object,
         include_usage: bool,
         choices: int,
         request_id: str,
+        chunk_to_json: ChunkToJson,
     ) -> None:
         self._call = call
         self._watch = watch
         self._first = first
+        self._chunk_to_json = chunk_to_json
         self._include_usage = include_usage
         self._choices = choices
         self._headers = [*_HEADERS, (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1"))]
@@ -98,7 +109,7 @@ class EventStreamResponse:
         try:
             chunk, unfinished = self._first, self._choices
             while chunk is not grpc.aio.EOF:
-                data = _event(encode(chunk_to_json(chunk, include_usage)))
+                data = _event(encode(self._chunk_to_json(chunk, include_usage)))
                 unfinished -= sum(1 for choice in chunk.choices if choice.finish_reason)
                 if chunk.HasField("usage") or (unfinished <= 0 and not include_usage):
                     # The service sends nothing after this chunk but its OK status: the client gets
@@ -124,7 +135,7 @@ class EventStreamResponse:
             if not self._watch.client_gone():
                 raise
         except Exception:
-            logger.exception("streaming a chat completion failed")
+            logger.exception("streaming a completion failed")
             await self._write(send, held + _event(internal_error().to_json()), more_body=False)
         finally:
             self._watch.stop()

@@ -77,8 +77,8 @@ class Upstream:
         else:
             self.channel = grpc.aio.secure_channel(target, credentials, options=merged)
         self.chat = chat_pb2_grpc.ChatCompletionsStub(self.channel)
-        # The chat calls send the request's bytes as body.py made them (a large one in a worker
-        # process), rather than serializing a proto on the event loop.
+        # The chat and text completion calls send the request's bytes as body.py made them (a large
+        # one in a worker process), rather than serializing a proto on the event loop.
         self.create_chat_completion = self.channel.unary_unary(
             _CHAT_METHOD.format("CreateChatCompletion"),
             response_deserializer=chat_pb2.ChatCompletion.FromString,
@@ -87,6 +87,16 @@ class Upstream:
         self.stream_chat_completion = self.channel.unary_stream(
             _CHAT_METHOD.format("StreamChatCompletion"),
             response_deserializer=chat_pb2.ChatCompletionChunk.FromString,
+            _registered_method=True,
+        )
+        self.create_completion = self.channel.unary_unary(
+            _CHAT_METHOD.format("CreateCompletion"),
+            response_deserializer=chat_pb2.Completion.FromString,
+            _registered_method=True,
+        )
+        self.stream_completion = self.channel.unary_stream(
+            _CHAT_METHOD.format("StreamCompletion"),
+            response_deserializer=chat_pb2.Completion.FromString,
             _registered_method=True,
         )
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -135,8 +145,9 @@ def trace_context(request: Request) -> tuple[tuple[str, str], ...]:
 
 def call_metadata(request: Request, affinity: str | None = None) -> tuple[tuple[str, str], ...]:
     """gRPC metadata for a call made on behalf of ``request``: its request id, trace context,
-    credentials, and for a chat the key that picks its replica (``affinity``: the conversation's
-    hash, which the client's ``X-Session-Id`` overrides; routing.py)."""
+    credentials, and for a chat or text completion the key that picks its replica (``affinity``:
+    the hash of the conversation's or the prompt's beginning, which the client's ``X-Session-Id``
+    overrides; routing.py)."""
     identity = ((REQUEST_ID_METADATA_KEY, request_id(request)), *trace_context(request))
     if affinity is not None:
         affinity = session_affinity(request.headers.get(SESSION_HEADER)) or affinity

@@ -26,13 +26,13 @@ if _version_not_supported:
 
 
 class ChatCompletionsStub:
-    """Chat completions on the models this server hosts.
+    """Chat completions, and text completions, on the models this server hosts.
 
     Calls need `authorization: Bearer <key>` metadata when the server has API keys.
     An INVALID_ARGUMENT status names the request parameter at fault, in the REST
     spelling (`temperature`, `messages[2].content`), in the trailing metadata key
     `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
-    A chat call may carry `x-request-id` metadata (printable ASCII, at most 128
+    A completion call may carry `x-request-id` metadata (printable ASCII, at most 128
     characters); the server uses it, or makes one, in its logs and returns it in
     the initial metadata (chatrpc/v1/wire.py: REQUEST_ID_METADATA_KEY).
     """
@@ -58,16 +58,26 @@ class ChatCompletionsStub:
                 request_serializer=chatrpc_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=chatrpc_dot_v1_dot_chat__pb2.ModelList.FromString,
                 _registered_method=True)
+        self.CreateCompletion = channel.unary_unary(
+                '/chatrpc.v1.ChatCompletions/CreateCompletion',
+                request_serializer=chatrpc_dot_v1_dot_chat__pb2.CompletionRequest.SerializeToString,
+                response_deserializer=chatrpc_dot_v1_dot_chat__pb2.Completion.FromString,
+                _registered_method=True)
+        self.StreamCompletion = channel.unary_stream(
+                '/chatrpc.v1.ChatCompletions/StreamCompletion',
+                request_serializer=chatrpc_dot_v1_dot_chat__pb2.CompletionRequest.SerializeToString,
+                response_deserializer=chatrpc_dot_v1_dot_chat__pb2.Completion.FromString,
+                _registered_method=True)
 
 
 class ChatCompletionsServicer:
-    """Chat completions on the models this server hosts.
+    """Chat completions, and text completions, on the models this server hosts.
 
     Calls need `authorization: Bearer <key>` metadata when the server has API keys.
     An INVALID_ARGUMENT status names the request parameter at fault, in the REST
     spelling (`temperature`, `messages[2].content`), in the trailing metadata key
     `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
-    A chat call may carry `x-request-id` metadata (printable ASCII, at most 128
+    A completion call may carry `x-request-id` metadata (printable ASCII, at most 128
     characters); the server uses it, or makes one, in its logs and returns it in
     the initial metadata (chatrpc/v1/wire.py: REQUEST_ID_METADATA_KEY).
     """
@@ -93,6 +103,21 @@ class ChatCompletionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCompletion(self, request, context):
+        """The legacy text completion (POST /v1/completions): continues a prompt, with no chat
+        template. Generates the whole completion and returns it at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamCompletion(self, request, context):
+        """Streams the text completion as Completion messages, as the REST API's `stream: true` does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatCompletionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +136,16 @@ def add_ChatCompletionsServicer_to_server(servicer, server):
                     request_deserializer=chatrpc_dot_v1_dot_chat__pb2.ListModelsRequest.FromString,
                     response_serializer=chatrpc_dot_v1_dot_chat__pb2.ModelList.SerializeToString,
             ),
+            'CreateCompletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCompletion,
+                    request_deserializer=chatrpc_dot_v1_dot_chat__pb2.CompletionRequest.FromString,
+                    response_serializer=chatrpc_dot_v1_dot_chat__pb2.Completion.SerializeToString,
+            ),
+            'StreamCompletion': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamCompletion,
+                    request_deserializer=chatrpc_dot_v1_dot_chat__pb2.CompletionRequest.FromString,
+                    response_serializer=chatrpc_dot_v1_dot_chat__pb2.Completion.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'chatrpc.v1.ChatCompletions', rpc_method_handlers)
@@ -120,13 +155,13 @@ def add_ChatCompletionsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ChatCompletions:
-    """Chat completions on the models this server hosts.
+    """Chat completions, and text completions, on the models this server hosts.
 
     Calls need `authorization: Bearer <key>` metadata when the server has API keys.
     An INVALID_ARGUMENT status names the request parameter at fault, in the REST
     spelling (`temperature`, `messages[2].content`), in the trailing metadata key
     `error-param` (chatrpc/v1/wire.py: ERROR_PARAM_METADATA_KEY).
-    A chat call may carry `x-request-id` metadata (printable ASCII, at most 128
+    A completion call may carry `x-request-id` metadata (printable ASCII, at most 128
     characters); the server uses it, or makes one, in its logs and returns it in
     the initial metadata (chatrpc/v1/wire.py: REQUEST_ID_METADATA_KEY).
     """
@@ -202,6 +237,60 @@ class ChatCompletions:
             '/chatrpc.v1.ChatCompletions/ListModels',
             chatrpc_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
             chatrpc_dot_v1_dot_chat__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatrpc.v1.ChatCompletions/CreateCompletion',
+            chatrpc_dot_v1_dot_chat__pb2.CompletionRequest.SerializeToString,
+            chatrpc_dot_v1_dot_chat__pb2.Completion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chatrpc.v1.ChatCompletions/StreamCompletion',
+            chatrpc_dot_v1_dot_chat__pb2.CompletionRequest.SerializeToString,
+            chatrpc_dot_v1_dot_chat__pb2.Completion.FromString,
             options,
             channel_credentials,
             insecure,

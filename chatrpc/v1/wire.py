@@ -5,7 +5,8 @@ service and the REST adapter alike (protos/chatrpc/v1/chat.proto documents each 
   metadata key of an error status that names the request parameter at fault.
 - The JSON spelling of every enum value: its name without the enum's prefix, in lower case
   (`ROLE_USER` is "user", `FINISH_REASON_TOOL_CALLS` is "tool_calls"); `*_UNSPECIFIED` has none.
-- The number of choices a request asks for when it leaves `n` out.
+- The number of choices a request asks for when it leaves `n` out, and the tokens a text completion
+  generates when it leaves `max_tokens` out.
 - Which request ids a client may choose, and the form of those the server makes.
 """
 
@@ -42,6 +43,9 @@ ERROR_PARAM_METADATA_KEY = "error-param"
 
 # `n` when the request leaves it out.
 DEFAULT_CHOICES = 1
+# A text completion's `max_tokens` when the request leaves it out (OpenAI's default for
+# /v1/completions; a chat completion's default is whatever room the context leaves).
+DEFAULT_COMPLETION_TOKENS = 16
 
 
 def _spellings(enum: EnumTypeWrapper) -> dict[int, str]:
@@ -65,7 +69,7 @@ TOOL_CHOICE_MODES = {name: value for value, name in TOOL_CHOICE_MODE_NAMES.items
 RESPONSE_FORMAT_TYPES = {name: value for value, name in RESPONSE_FORMAT_TYPE_NAMES.items()}
 
 
-def requested_choices(request: chat_pb2.ChatCompletionRequest) -> int:
+def requested_choices(request: chat_pb2.ChatCompletionRequest | chat_pb2.CompletionRequest) -> int:
     """How many choices the request asks for (`n`, or its default)."""
     return request.n if request.HasField("n") else DEFAULT_CHOICES
 

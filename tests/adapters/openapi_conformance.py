@@ -18,10 +18,12 @@ import openai.types.chat
 from adapters.rest.openapi import DOCUMENT_PATH
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 
 # The SDK's type of each successful JSON answer (a model list is checked model by model).
 SDK_TYPES = {
     CHAT: openai.types.chat.ChatCompletion,
+    COMPLETIONS: openai.types.Completion,
     "/v1/models": openai.types.Model,
     "/v1/models/{model}": openai.types.Model,
 }
@@ -69,7 +71,7 @@ def assert_conforms(method: str, path: str, status: int, headers: Mapping[str, s
     assert media_type in answer["content"], f"{method} {path}: {status} as {media_type} is not documented"
     documented = answer["content"][media_type]
     if media_type == "text/event-stream":
-        assert_stream_conforms(documented["itemSchema"], content)
+        assert_stream_conforms(documented["itemSchema"], content, path)
         return
     body = json.loads(content)
     validate(documented["schema"], body)
@@ -78,7 +80,7 @@ def assert_conforms(method: str, path: str, status: int, headers: Mapping[str, s
             SDK_TYPES[path].model_validate(item)
 
 
-def assert_stream_conforms(event_schema: dict, content: bytes) -> None:
+def assert_stream_conforms(event_schema: dict, content: bytes, path: str = CHAT) -> None:
     payloads = sse_payloads(content)
     data_schema = event_schema["properties"]["data"]["else"]["contentSchema"]
     for payload in payloads:
@@ -86,11 +88,23 @@ def assert_stream_conforms(event_schema: dict, content: bytes) -> None:
         if payload != b"[DONE]":
             chunk = json.loads(payload)
             validate(data_schema, chunk)
-            if "error" not in chunk:
+            if "error" in chunk:
+                continue
+            if path == COMPLETIONS:
+                sdk_accepts_completion_chunk(chunk)
+            else:
                 openai.types.chat.ChatCompletionChunk.model_validate(chunk)
     # The stream ends with [DONE], or with the error that cut it short.
     assert payloads[-1] == b"[DONE]" or "error" in json.loads(payloads[-1])
     assert b"[DONE]" not in payloads[:-1]
+
+
+def sdk_accepts_completion_chunk(chunk: dict) -> None:
+    """The SDK's Completion type takes the chunk. Its choices' finish_reason is typed as never null,
+    yet OpenAI's own streams send null until a choice's last chunk (the SDK builds streamed objects
+    without validating them): an unfinished choice is checked as if it had finished."""
+    choices = [{**choice, "finish_reason": choice["finish_reason"] or "length"} for choice in chunk["choices"]]
+    openai.types.Completion.model_validate({**chunk, "choices": choices})
 
 
 def stream_errors(content: bytes) -> list[dict]:

@@ -24,9 +24,10 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from adapters.rest import translate_completions
 from adapters.rest.openapi import DOCUMENT_PATH
 from adapters.rest.translate import _FIELDS
-from tests.adapters.openapi_conformance import CHAT, assert_conforms, document
+from tests.adapters.openapi_conformance import CHAT, COMPLETIONS, assert_conforms, document
 from tests.conftest import MODEL_ID
 
 # The most tokens a completion generated from the document may take: a stream still has a role
@@ -62,6 +63,10 @@ def chat(**fields) -> dict:
     return {"model": MODEL_ID, "messages": SAY_HI, "max_tokens": 3, **fields}
 
 
+def text(**fields) -> dict:
+    return {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 3, **fields}
+
+
 # ---------------------------------------------------------------------------
 # The document itself
 # ---------------------------------------------------------------------------
@@ -84,6 +89,10 @@ def test_request_body_has_exactly_the_adapters_fields():
     assert body["additionalProperties"] is False
     assert list(body["properties"]) == list(_FIELDS)
     assert body["required"] == ["messages", "model"]
+    body = document()["components"]["schemas"]["CompletionRequest"]
+    assert body["additionalProperties"] is False
+    assert list(body["properties"]) == list(translate_completions._FIELDS)
+    assert body["required"] == ["model", "prompt"]
 
 
 # ---------------------------------------------------------------------------
@@ -91,7 +100,7 @@ def test_request_body_has_exactly_the_adapters_fields():
 # ---------------------------------------------------------------------------
 
 
-def keep_cheap(body: object) -> None:
+def keep_cheap(body: object, path: str) -> None:
     """Points a generated request at the served model and caps the tokens it may generate. Only
     values the document accepts are replaced, and only by others it accepts, so that an invalid
     case stays invalid where it was."""
@@ -99,13 +108,15 @@ def keep_cheap(body: object) -> None:
         return
     if isinstance(body.get("model"), str):
         body["model"] = MODEL_ID
-    properties = document()["components"]["schemas"]["ChatCompletionRequest"]["properties"]
-    for name in ("max_tokens", "max_completion_tokens"):
+    request = "CompletionRequest" if path == COMPLETIONS else "ChatCompletionRequest"
+    properties = document()["components"]["schemas"][request]["properties"]
+    names = [name for name in ("max_tokens", "max_completion_tokens") if name in properties]
+    for name in names:
         value, schema = body.get(name), properties[name]
         if type(value) is int and schema["minimum"] <= value <= schema["maximum"]:
             body[name] = min(value, GENERATED_MAX_TOKENS)
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_completion_tokens"] = GENERATED_MAX_TOKENS
+    if all(body.get(name) is None for name in names):
+        body[names[-1]] = GENERATED_MAX_TOKENS
 
 
 # The committed file, which the server serves (test_served_document_is_the_committed_file): the
@@ -116,7 +127,7 @@ generated = schemathesis.openapi.from_path(DOCUMENT_PATH)
 @generated.parametrize()
 @settings(max_examples=CASES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests(case, server):
-    keep_cheap(case.body)
+    keep_cheap(case.body, case.path)
     # Every check but positive_data_acceptance: a request can satisfy the document and still get a
     # documented 400 for what its schemas leave to the descriptions (a prompt longer than the
     # context, `n` over --max-n, tool_choice naming a function that is not in tools).
@@ -162,6 +173,30 @@ def test_chosen_chat_requests_conform(http, body):
     checked("POST", CHAT, http.post(CHAT, json=body))
 
 
+CHOSEN_TEXT = [
+    ("plain", text()),
+    ("token-ids", text(prompt=[2, 651, 1000])),
+    ("one-of-a-batch", text(prompt=[[2, 651, 1000]])),
+    ("n-logprobs", text(n=2, seed=3, logprobs=2)),
+    ("echo", text(echo=True)),
+    ("stream-n-logprobs-usage", text(stream=True, n=2, logprobs=1, stream_options={"include_usage": True})),
+    ("stream-echo-without-usage", text(stream=True, echo=True)),
+    ("bad-type-400", text(logprobs=True)),
+    ("unknown-field-400", text(messages=SAY_HI)),
+    ("batch-400", text(prompt=["one", "two"])),
+    ("suffix-400", text(suffix="the end")),
+    ("echo-logprobs-400", text(echo=True, logprobs=1)),
+    ("token-out-of-vocabulary-400", text(prompt=[2, 2**30])),
+    ("unknown-model-404", text(model="no-such-model")),
+    ("stream-refused-before-it-starts-400", text(stream=True, best_of=2)),
+]
+
+
+@pytest.mark.parametrize("body", [body for _, body in CHOSEN_TEXT], ids=[name for name, _ in CHOSEN_TEXT])
+def test_chosen_text_completion_requests_conform(http, body):
+    checked("POST", COMPLETIONS, http.post(COMPLETIONS, json=body))
+
+
 def test_tool_calls_conform(http):
     forced = chat(max_tokens=40, tools=[PING], tool_choice="required", temperature=0)
     unary = checked("POST", CHAT, http.post(CHAT, json=forced)).json()
@@ -185,9 +220,9 @@ def test_models_health_and_errors_conform(server, http):
 # ---------------------------------------------------------------------------
 
 
-def bounded_fields() -> list[tuple[str, dict]]:
+def bounded_fields(request: str = "ChatCompletionRequest") -> list[tuple[str, dict]]:
     """(name, schema) of each top-level request field with a numeric bound."""
-    properties = document()["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    properties = document()["components"]["schemas"][request]["properties"]
     return [(name, schema) for name, schema in properties.items() if {"minimum", "exclusiveMinimum"} & set(schema)]
 
 
@@ -214,6 +249,8 @@ def edges(schema: dict) -> tuple[list, list]:
 def test_the_bounds_are_found():
     names = {name for name, _ in bounded_fields()}
     assert {"temperature", "top_p", "frequency_penalty", "presence_penalty", "top_logprobs", "n", "seed"} <= names
+    names = {name for name, _ in bounded_fields("CompletionRequest")}
+    assert {"temperature", "top_p", "frequency_penalty", "presence_penalty", "logprobs", "n", "best_of"} <= names
 
 
 @pytest.mark.parametrize("name", [name for name, _ in bounded_fields()])
@@ -224,6 +261,18 @@ def test_documented_bounds_are_the_services(http, name):
         assert response.status_code == 200, (value, response.text)
     for value in outside:
         response = checked("POST", CHAT, http.post(CHAT, json=chat(logprobs=True, **{name: value})))
+        assert response.status_code == 400, (value, response.text)
+        assert response.json()["error"]["param"] == name
+
+
+@pytest.mark.parametrize("name", [name for name, _ in bounded_fields("CompletionRequest")])
+def test_documented_text_completion_bounds_are_the_services(http, name):
+    inside, outside = edges(dict(bounded_fields("CompletionRequest"))[name])
+    for value in inside:
+        response = checked("POST", COMPLETIONS, http.post(COMPLETIONS, json=text(**{name: value})))
+        assert response.status_code == 200, (value, response.text)
+    for value in outside:
+        response = checked("POST", COMPLETIONS, http.post(COMPLETIONS, json=text(**{name: value})))
         assert response.status_code == 400, (value, response.text)
         assert response.json()["error"]["param"] == name
 

@@ -157,6 +157,25 @@ def test_the_service_counts_a_known_workload_exactly(metered):
     assert value(after, "process_resident_memory_bytes") > 0
 
 
+def test_a_text_completion_is_counted_and_logged(metered):
+    server, url = metered
+    model = {"model": MODEL_ID}
+    before = scrape(url)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = chat_pb2_grpc.ChatCompletionsStub(channel)
+        text = chat_pb2.CompletionRequest(model=MODEL_ID, text="One, two, three,", max_tokens=5, temperature=0)
+        answer = stub.CreateCompletion(text, metadata=auth("metrics-text-completion"))
+    reason = FINISH_REASON_NAMES[answer.choices[0].finish_reason]
+    after = settled(url, before, "chatrpc_requests_finished_total", 1, finish_reason=reason, **model)
+    assert moved(before, after, "chatrpc_requests_finished_total", finish_reason=reason, **model) == 1
+    assert moved(before, after, "chatrpc_prompt_tokens_total", **model) == answer.usage.prompt_tokens
+    assert moved(before, after, "chatrpc_generation_tokens_total", **model) == answer.usage.completion_tokens
+    line = access_line(server, "metrics-text-completion")
+    assert line["method"] == "CreateCompletion" and line["status"] == "OK" and line["model"] == MODEL_ID
+    assert line["completion_tokens"] == answer.usage.completion_tokens
+    assert line["finish_reasons"] == [reason]
+
+
 def test_engine_gauges_show_a_running_request(metered):
     server, url = metered
     model = {"model": MODEL_ID}
