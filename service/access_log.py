@@ -16,6 +16,7 @@ The same record feeds the request metrics (service/metrics.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -142,8 +143,12 @@ def access_logged(handler: Callable[..., Any]) -> Callable[..., Any]:
         async def streaming(self, request, context):
             record = await begin(context)
             try:
-                async for item in handler(self, request, context, record):
-                    yield item
+                # Closed here, not when it is garbage: a call cancelled while this generator waits at
+                # its `yield` would otherwise reach `call_ended` before the handler's own `finally`
+                # has cancelled the engine's work and counted the tokens sent.
+                async with contextlib.aclosing(handler(self, request, context, record)) as items:
+                    async for item in items:
+                        yield item
             except BaseException as error:
                 record.status = _status_of(error)
                 raise

@@ -179,3 +179,41 @@ def test_the_adapter_writes_an_access_line_per_http_request_with_its_id(json_ser
     records = log_records(json_server)
     assert not [record for record in records if record.get("logger") == "uvicorn.access"]
     assert SECRET_PROMPT not in json_server.log() and API_KEY not in json_server.log()
+
+
+class _Context:
+    """Stands in for grpc.aio's ServicerContext in this unit test of access_logged: the two calls it makes."""
+
+    def invocation_metadata(self):
+        return (("x-request-id", "unit-1"),)
+
+    async def send_initial_metadata(self, metadata):
+        pass
+
+
+async def test_a_stream_closed_at_its_yield_finishes_its_handler_before_its_record_ends():
+    """A call cancelled while its answer is being written (the wrapper waits at its `yield`): the
+    handler's own `finally` (which cancels the engine's work and counts the tokens sent) runs before
+    the record reaches `call_ended`, not whenever the handler's generator is collected."""
+    from service.access_log import access_logged
+
+    class Servicer:
+        def __init__(self) -> None:
+            self.ended: list[tuple[int, str]] = []
+
+        def call_ended(self, record):
+            self.ended.append((record.completion_tokens, record.status))
+
+        @access_logged
+        async def StreamChatCompletion(self, request, context, record):  # noqa: N802
+            try:
+                yield "first chunk"
+                yield "second chunk"
+            finally:
+                record.completion_tokens = 7
+
+    servicer = Servicer()
+    chunks = servicer.StreamChatCompletion(None, _Context())
+    assert await chunks.__anext__() == "first chunk"
+    await chunks.aclose()  # what the server does to the call's generator once the client has gone
+    assert servicer.ended == [(7, "CANCELLED")]
