@@ -9,6 +9,7 @@ the helpers that completion_request.py calls too.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -111,15 +112,19 @@ def _message_text(index: int, message: chat_pb2.ChatMessage) -> str | None:
 
 
 def struct_to_python(struct, param: str) -> dict[str, Any]:
-    """A Struct as plain Python; whole numbers come back as ints (Struct stores every number as a double).
-    One that JSON cannot carry (an infinite or NaN number, nesting past the interpreter's depth) is
-    an INVALID_ARGUMENT naming `param`."""
+    """A Struct as plain Python, its keys sorted; whole numbers come back as ints (Struct stores every
+    number as a double). One that JSON cannot carry (an infinite or NaN number, nesting past the
+    interpreter's depth) is an INVALID_ARGUMENT naming `param`.
+
+    Sorted, because a Struct has no order: protobuf's map iterates in an order seeded per process,
+    and a schema's key order reaches the output (the prompt renders tools' schemas; the model writes
+    JSON properties in schema order). Sorting makes it the same in every process."""
 
     def restore(value: Any) -> Any:
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)
         if isinstance(value, dict):
-            return {k: restore(v) for k, v in value.items()}
+            return {k: restore(value[k]) for k in sorted(value)}
         if isinstance(value, list):
             return [restore(v) for v in value]
         return value
@@ -129,6 +134,48 @@ def struct_to_python(struct, param: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as error:
         reason = "is nested too deeply" if isinstance(error, RecursionError) else "holds a number JSON cannot carry"
         raise InvalidArgument(param, f"'{param}' {reason}.") from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _integer_within_double(text: str) -> int:
+    value = int(text)
+    if abs(value) > 2**1023:  # as a Struct, the schema's other form, would hold it: a double
+        raise ValueError(f"the integer {text[:20]}... is past a double's range")
+    return value
+
+
+def json_object_from_text(text: str, param: str) -> dict[str, Any]:
+    """A JSON object given as text, its key order kept (what a client wrote, the order the output
+    follows); INVALID_ARGUMENT naming `param` when it is not one JSON can carry."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_int=_integer_within_double)
+        json.dumps(value, allow_nan=False)  # 1e400 reads as infinity
+    except RecursionError:
+        raise InvalidArgument(param, f"'{param}' is nested too deeply.") from None
+    except ValueError as error:
+        raise InvalidArgument(param, f"'{param}' is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(param, f"'{param}' must be a JSON object.")
+    return value
+
+
+def schema_of(holder, struct_field: str, text_field: str, param: str) -> dict[str, Any] | None:
+    """A JSON schema given as a Struct (keys sorted) or as JSON text (order kept); None when neither."""
+    if holder.HasField(text_field):
+        return json_object_from_text(getattr(holder, text_field), param)
+    if holder.HasField(struct_field):
+        return struct_to_python(getattr(holder, struct_field), param)
+    return None
+
+
+def schema_bytes(holder, struct_field: str, text_field: str) -> int:
+    """The size of a schema in either form, before it is read."""
+    if holder.HasField(text_field):
+        return len(getattr(holder, text_field).encode())
+    return getattr(holder, struct_field).ByteSize()
 
 
 def check_messages(messages, max_messages: int) -> list[dict[str, Any]]:
@@ -201,17 +248,25 @@ def check_response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, 
                 "response_format.json_schema.name",
                 f"Invalid schema name {spec.name!r}: use 1 to 64 letters, digits, underscores or dashes.",
             )
-        return struct_to_python(spec.schema, "response_format.json_schema.schema") if spec.HasField("schema") else {}
+        return schema_of(spec, "schema", "schema_json", "response_format.json_schema.schema") or {}
     raise InvalidArgument("response_format", "'response_format' needs a type: text, json_object or json_schema.")
 
 
 def check_schema_sizes(request: chat_pb2.ChatCompletionRequest, max_schema_bytes: int) -> None:
     """The JSON schemas of tools and response_format together fit the limit (before they are read)."""
-    schemas = [(f"tools[{i}].function.parameters", tool.function.parameters) for i, tool in enumerate(request.tools)]
-    schemas.append(("response_format.json_schema.schema", request.response_format.json_schema.schema))
+    schemas = [
+        (f"tools[{i}].function.parameters", schema_bytes(tool.function, "parameters", "parameters_json"))
+        for i, tool in enumerate(request.tools)
+    ]
+    schemas.append(
+        (
+            "response_format.json_schema.schema",
+            schema_bytes(request.response_format.json_schema, "schema", "schema_json"),
+        )
+    )
     total = 0
-    for param, schema in schemas:
-        total += schema.ByteSize()
+    for param, size in schemas:
+        total += size
         if total > max_schema_bytes:
             raise InvalidArgument(
                 param,
@@ -235,11 +290,7 @@ def check_tools(
                 f"tools[{i}].type", f"Only tools of type 'function' are supported, got {tool.type!r}."
             )
         function = tool.function
-        parameters = (
-            struct_to_python(function.parameters, f"tools[{i}].function.parameters")
-            if function.HasField("parameters")
-            else None
-        )
+        parameters = schema_of(function, "parameters", "parameters_json", f"tools[{i}].function.parameters")
         tools.append(
             check_tool(i, function.name, function.description if function.HasField("description") else None, parameters)
         )

@@ -258,6 +258,14 @@ def _marked_optional(field: FieldDescriptor) -> bool:
     return oneof is not None and oneof.name == f"_{field.name}"
 
 
+# The oneofs of a JSON schema's two proto forms (a Struct, or JSON text that keeps its key order):
+# in JSON both are the one object, spelled as the Struct field's name.
+_SCHEMA_FORMS = {
+    "chatrpc.v1.JsonSchema.schema_form": "schema",
+    "chatrpc.v1.FunctionDefinition.parameters_form": "parameters",
+}
+
+
 def _in_real_oneof(field: FieldDescriptor) -> bool:
     return field.containing_oneof is not None and not _marked_optional(field)
 
@@ -359,7 +367,10 @@ class _Builder:
         properties: dict[str, JsonSchema] = {}
         required = []
         for field in message.fields:
-            if _in_real_oneof(field):
+            if _in_real_oneof(field) and field.containing_oneof.full_name in _SCHEMA_FORMS:
+                if field.name != _SCHEMA_FORMS[field.containing_oneof.full_name]:
+                    continue  # the schema's JSON text: the same JSON object on the wire, one spelling in REST
+            elif _in_real_oneof(field):
                 oneof = field.containing_oneof
                 if oneof.full_name != "chatrpc.v1.ChatMessage.content":
                     raise ValueError(f"no JSON spelling is known for the oneof {oneof.full_name}")

@@ -17,7 +17,6 @@ import json
 from collections.abc import Callable
 
 import orjson
-from google.protobuf import struct_pb2
 
 from adapters.rest.errors import invalid_request
 from chatrpc.v1 import chat_pb2 as pb
@@ -203,13 +202,28 @@ def _optional(target: object, item: dict, key: str, check: Callable[[object, str
         setattr(target, key, check(value, f"{param}.{key}"))
 
 
-def _struct(target: struct_pb2.Struct, value: object, param: str) -> None:
-    """A JSON object (a JSON Schema) into a google.protobuf.Struct."""
+def _within_doubles(value: object) -> None:
+    """Raises OverflowError for an integer past a double's range: JSON Schema's numbers are doubles
+    (a Struct, the schema's other form, holds nothing else)."""
+    if isinstance(value, int):
+        float(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _within_doubles(item)
+    elif isinstance(value, list):
+        for item in value:
+            _within_doubles(item)
+
+
+def _schema_json(value: object, param: str) -> str:
+    """A JSON object (a JSON Schema) as compact JSON text, its keys in the client's order: the proto's
+    text form of a schema, which the service reads in that order (a Struct would lose it, and the
+    order reaches the output: chat.proto, FunctionDefinition.parameters)."""
     try:
-        target.update(_object(value, param))
-        # A JSON number beyond a double's range (1e400) reads as infinity, which a Struct holds but
-        # the service cannot turn back into JSON.
-        json.dumps(value, allow_nan=False)
+        _within_doubles(_object(value, param))
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text.encode()  # a lone surrogate cannot be carried
+        return text
     except UnicodeEncodeError:
         raise invalid_request(
             f"Invalid '{param}': a string in it holds a lone surrogate, which is not a Unicode character.",
@@ -372,7 +386,7 @@ def _tool(tool: pb.Tool, value: object, param: str) -> None:
     _optional(definition, function, "description", _string, f"{param}.function")
     parameters = function.get("parameters")
     if parameters is not None:
-        _struct(definition.parameters, parameters, f"{param}.function.parameters")
+        definition.parameters_json = _schema_json(parameters, f"{param}.function.parameters")
     _optional(definition, function, "strict", _boolean, f"{param}.function")
 
 
@@ -404,7 +418,7 @@ def _response_format(request: pb.ChatCompletionRequest, value: object) -> None:
     _optional(target, schema_item, "description", _string, "response_format.json_schema")
     schema = schema_item.get("schema")
     if schema is not None:
-        _struct(target.schema, schema, "response_format.json_schema.schema")
+        target.schema_json = _schema_json(schema, "response_format.json_schema.schema")
     _optional(target, schema_item, "strict", _boolean, "response_format.json_schema")
     target.SetInParent()
 

@@ -258,6 +258,28 @@ def test_json_schema_outputs_mostly_finish(schema_answers):
     assert len(ran_out) <= 2, f"schemas {ran_out} ran out of tokens"
 
 
+def test_the_output_follows_the_order_of_the_schemas_properties(openai_client):
+    """The client's order, kept end to end (a protobuf Struct would scramble it per process, and so
+    the answer): every key in schema order, whatever the alphabet says."""
+    order = ["zeta", "alpha", "mid", "beta"]
+    schema = {
+        "type": "object",
+        "properties": {name: {"type": "boolean"} for name in order},
+        "required": order,
+        "additionalProperties": False,
+    }
+    for properties in (order, list(reversed(order))):
+        reordered = {**schema, "properties": {name: {"type": "boolean"} for name in properties}}
+        completion = create(
+            openai_client,
+            temperature=0,
+            max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "ordered", "schema": reordered}},
+        )
+        assert completion.choices[0].finish_reason == "stop"
+        assert list(json.loads(completion.choices[0].message.content)) == properties
+
+
 def test_json_schema_streamed_output_validates(openai_client):
     schema = SCHEMAS[13]
     chunks = streamed(

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-from google.protobuf import json_format
 
 from adapters.rest.errors import APIError
 from adapters.rest.translate import (
@@ -228,7 +227,9 @@ def test_tools_with_schema():
     assert first.type == "function"
     assert first.function.name == "get_weather"
     assert first.function.description == "Weather."
-    assert json_format.MessageToDict(first.function.parameters) == parameters
+    # As JSON text, in the client's order (a Struct would lose it).
+    assert json.loads(first.function.parameters_json) == parameters
+    assert first.function.parameters_json == json.dumps(parameters, separators=(",", ":"))
     assert first.function.strict is True
     assert second.function.name == "now"
     assert not second.function.HasField("parameters")
@@ -260,7 +261,8 @@ def test_response_format_json_schema():
     assert response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
     target = response_format.json_schema
     assert (target.name, target.description, target.strict) == ("answer", "An answer.", True)
-    assert json_format.MessageToDict(target.schema) == schema
+    assert json.loads(target.schema_json) == schema
+    assert not target.HasField("schema")
 
 
 # ---------------------------------------------------------------------------

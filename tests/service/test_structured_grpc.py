@@ -67,6 +67,44 @@ def test_json_schema_over_grpc(stub, auth_metadata):
     jsonschema.validate(json.loads(response.choices[0].message.content), SCHEMA)
 
 
+ORDERED = ["zeta", "alpha", "mid", "beta"]
+ORDERED_SCHEMA = {
+    "type": "object",
+    "properties": {name: {"type": "boolean"} for name in ORDERED},
+    "required": ORDERED,
+    "additionalProperties": False,
+}
+
+
+def ordered_output(stub, auth_metadata, json_schema: chat_pb2.JsonSchema) -> list[str]:
+    response_format = chat_pb2.ResponseFormat(type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json_schema)
+    response = stub.CreateChatCompletion(
+        request(response_format=response_format, temperature=0, max_tokens=60), metadata=auth_metadata, timeout=120
+    )
+    assert response.choices[0].finish_reason == chat_pb2.FINISH_REASON_STOP
+    return list(json.loads(response.choices[0].message.content))
+
+
+def test_a_struct_schemas_keys_are_sorted_and_json_text_keeps_its_order(stub, auth_metadata):
+    """A Struct has no key order (its map iterates in a per-process order), so the service sorts it:
+    the same output from every process. JSON text keeps the order it was written in."""
+    as_struct = ordered_output(stub, auth_metadata, chat_pb2.JsonSchema(name="s", schema=struct(ORDERED_SCHEMA)))
+    assert as_struct == sorted(ORDERED)
+    as_text = ordered_output(stub, auth_metadata, chat_pb2.JsonSchema(name="t", schema_json=json.dumps(ORDERED_SCHEMA)))
+    assert as_text == ORDERED
+
+
+def test_a_schema_as_json_text_must_be_a_json_object(stub, auth_metadata):
+    for text in ("[1, 2]", "{not json", '{"maximum": NaN}', '{"maximum": 1e400}'):
+        response_format = chat_pb2.ResponseFormat(
+            type=chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=chat_pb2.JsonSchema(name="x", schema_json=text)
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.CreateChatCompletion(request(response_format=response_format), metadata=auth_metadata, timeout=120)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, text
+        assert ("error-param", "response_format.json_schema.schema") in tuple(raised.value.trailing_metadata())
+
+
 def test_forced_tool_call_over_grpc_stream(stub, auth_metadata):
     tool = chat_pb2.Tool(
         type="function", function=chat_pb2.FunctionDefinition(name="lookup", parameters=struct(SCHEMA))
