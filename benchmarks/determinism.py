@@ -1,20 +1,25 @@
-"""Does a sequence's next-token distribution depend on how many others share its decode step, and
-what does chatrpc's `--deterministic` cost?
+"""Does a sequence's next-token distribution depend on how many others share its decode step, on
+whether its token is checked as a speculative guess, or on how its prompt was chunked; and what do
+chatrpc's deterministic kernels cost against `--fast-nondeterministic`?
 
     .venv/bin/python benchmarks/determinism.py [--threads 2] [--context 300] [--repeats 15] [--rounds 3]
 
-`--deterministic` pins llama.cpp's tiled K-quant matmul off (GGML_CPU_TILED_MM=0: it takes batches of
-8 rows or more) and leaves flash attention off (its kernel takes a split-KV path for one sequence
-alone with more than 256 tokens of context). llama.cpp reads the kernel switch once per process, so
-each setting runs in a worker process of its own (`LoadedModel(deterministic=...)`), the two
-alternated over `--rounds`.
+By default chatrpc pins llama.cpp's tiled K-quant matmul off (GGML_CPU_TILED_MM=0: it takes batches
+of 8 rows or more) and caches V as BF16, which keeps flash attention on its per-row path (its
+split-KV path serves one sequence decoding alone past 512 cached positions, its tiled path prompt
+chunks of 64 rows or more). `--fast-nondeterministic` lets both switch. llama.cpp reads the kernel
+switch once per process, so each setting runs in a worker process of its own
+(`LoadedModel(deterministic=...)`), the two alternated over `--rounds`.
 
 Part 1, for each setting: 16 sequences each get their own prompt (prefilled alone), then one decode
 step runs with k = 1..16 of them in the batch, the step is undone (`llama_memory_seq_rm`), and every
 row's logits are compared with those of the same sequence decoded alone; the table shows the largest
-difference over the k rows, for short prompts (< 100 tokens) and long ones (300-450 tokens).
-Part 2: the median time of a decode step of k = 1, 4, 8, 16 rows at a context of `--context` tokens,
-and of a 256-token prompt chunk; the table shows medians over rounds.
+difference over the k rows, for short prompts (< 100 tokens) and long ones (520-600 tokens). Two
+more rows: a step of 3 rows of one sequence (the last token and two guesses, as speculation checks
+them) against the same tokens decoded one step at a time, and the last logits of a prompt prefilled
+in chunks of 100, of 37, or with its last 8 tokens decoded one at a time, against chunks of 256.
+Part 2: the median time of a decode step of k = 1, 4, 8, 16 rows at a context of `--context`
+tokens, and of a 256-token prompt chunk; the table shows medians over rounds.
 """
 
 from __future__ import annotations
@@ -71,6 +76,56 @@ def step(ctx, batch: TokenBatch, prompts: list[list[int]], next_tokens: list[int
     return elapsed, logits
 
 
+def guessed_rows(ctx, batch: TokenBatch, prompts: list[list[int]], firsts: list[int], vocab: int) -> float:
+    """Max |difference| between the rows of a 3-row step of one sequence and the same tokens
+    decoded one row per step, over 4 sequences."""
+    memory = llama_cpp.llama_get_memory(ctx)
+    worst = 0.0
+    for seq in range(4):
+        tokens, start = [firsts[seq], 1000 + seq, 2000 + seq], len(prompts[seq])
+        batch.clear()
+        batch.add(seq, tokens, start, output_last=True, output_all=True)
+        decode(ctx, batch)
+        together = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(3, vocab)).copy()
+        llama_cpp.llama_memory_seq_rm(memory, seq, start, -1)
+        for offset, token in enumerate(tokens):
+            batch.clear()
+            batch.add(seq, [token], start + offset, output_last=True)
+            decode(ctx, batch)
+            alone = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(1, vocab))[0]
+            worst = max(worst, float(np.abs(alone - together[offset]).max()))
+        llama_cpp.llama_memory_seq_rm(memory, seq, start, -1)
+    return worst
+
+
+def chunkings(ctx, batch: TokenBatch, prompt: list[int], vocab: int) -> float:
+    """Max |difference| of a prompt's last logits, prefilled (on the spare last slot) in chunks of
+    100, of 37, or with its last 8 tokens decoded one at a time, against chunks of 256."""
+    memory, seq, n = llama_cpp.llama_get_memory(ctx), SLOTS - 1, len(prompt)
+
+    def last_logits(sizes: list[int]) -> np.ndarray:
+        llama_cpp.llama_memory_seq_rm(memory, seq, 0, -1)
+        position = 0
+        for size in sizes:
+            batch.clear()
+            batch.add(seq, prompt[position : position + size], position, output_last=True)
+            decode(ctx, batch)
+            position += size
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(1, vocab))[0].copy()
+
+    def chunks_of(size: int, length: int) -> list[int]:
+        return [size] * (length // size) + ([length % size] if length % size else [])
+
+    whole = last_logits(chunks_of(256, n))
+    others = [
+        last_logits(chunks_of(100, n)),
+        last_logits(chunks_of(37, n)),
+        last_logits(chunks_of(256, n - 8) + [1] * 8),
+    ]
+    llama_cpp.llama_memory_seq_rm(memory, seq, 0, -1)
+    return max(float(np.abs(other - whole).max()) for other in others)
+
+
 def worker(deterministic: bool, args: argparse.Namespace) -> dict:
     per_sequence = max(1024, args.context + 64)
     model = LoadedModel(
@@ -85,7 +140,7 @@ def worker(deterministic: bool, args: argparse.Namespace) -> dict:
     batch = TokenBatch(512)
     result: dict = {"deltas": {}, "times": {}}
 
-    for length, repeat in (("short", 1), ("long", 40)):
+    for length, repeat in (("short", 1), ("long", 75)):
         prompts = [
             model.tokenize(
                 f"Story number {i}: once upon a time there was a" + " very" * (3 * i + repeat * 7),
@@ -101,6 +156,8 @@ def worker(deterministic: bool, args: argparse.Namespace) -> dict:
             float(np.abs(step(ctx, batch, prompts, firsts, list(range(k)), vocab)[1] - alone[:k]).max())
             for k in range(1, SLOTS + 1)
         ]
+        result["deltas"][f"{length} guesses"] = guessed_rows(ctx, batch, prompts, firsts, vocab)
+        result["deltas"][f"{length} chunks"] = chunkings(ctx, batch, prompts[0], vocab)
         llama_cpp.llama_memory_clear(memory, True)
 
     long_prompts = [[(7 + i * 13 + j * 31) % 200_000 + 100 for j in range(args.context)] for i in range(SLOTS)]
@@ -144,20 +201,20 @@ def main() -> None:
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             runs[setting].append(json.loads(output.strip().splitlines()[-1]))
 
-    print("Part 1: max |logit difference|, k rows in one decode step against each row decoded alone\n")
-    print("| rows | --deterministic, short prompts | long prompts | --no-deterministic, short | long |")
+    print("Part 1: max |logit difference| against each row decoded alone in a step of its own\n")
+    print("| rows | default, short prompts | default, long | --fast-nondeterministic, short | long |")
     print("|---:|---:|---:|---:|---:|")
     first = {setting: results[0]["deltas"] for setting, results in runs.items()}
+    settings, lengths = ("deterministic", "fast"), ("short", "long")
     for k in range(1, SLOTS + 1):
-        cells = [
-            f"{first[setting][length][k - 1]:.3g}"
-            for setting in ("deterministic", "fast")
-            for length in ("short", "long")
-        ]
-        print(f"| {k} | " + " | ".join(cells) + " |")
+        cells = [f"{first[setting][length][k - 1]:.3g}" for setting in settings for length in lengths]
+        print(f"| {k} of 16 sequences | " + " | ".join(cells) + " |")
+    for key, label in (("guesses", "3 rows of one sequence"), ("chunks", "prompt chunked otherwise")):
+        cells = [f"{first[setting][f'{length} {key}']:.3g}" for setting in settings for length in lengths]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
     print(f"\nPart 2: median ms over {args.rounds} rounds, context {args.context} tokens, {args.threads} threads\n")
-    print("| work | --deterministic | --no-deterministic | ratio |")
+    print("| work | default | --fast-nondeterministic | ratio |")
     print("|---|---:|---:|---:|")
     for key, label in [("chunk", "prompt chunk of 256 tokens")] + [
         (str(k), f"decode step, {k} rows") for k in STEP_ROWS

@@ -98,23 +98,25 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         default=True,
         help="while no request runs, prefill again what finished requests generated, so that the next turn of a chat "
         "reuses its last answer's KV too; a request that arrives stops it within a graph node (default: on; needs "
-        "--prefix-cache, and is off with --deterministic)",
+        "--prefix-cache, and is off with --no-flash-attn unless --fast-nondeterministic)",
     )
     group.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="make a request's greedy or seeded output independent of what else shares its decode steps: the "
-        "llama.cpp kernels that switch with a batch's shape (the tiled K-quant matmul, flash attention) stay off, "
-        "which slows decode and prefill (docs/engine.md, 'Determinism'; docs/benchmarks.md measures the cost)",
+        "--fast-nondeterministic",
+        dest="deterministic",
+        action="store_false",
+        help="let llama.cpp pick its kernels by a batch's shape (the tiled K-quant matmul from 8 rows, flash "
+        "attention's split-KV and tiled paths, V cached as F16): a greedy or seeded answer may then change with "
+        "what else runs beside it. By default it does not (docs/engine.md, 'Determinism'; docs/benchmarks.md "
+        "measures what each costs)",
     )
     group.add_argument(
         "--flash-attn",
         dest="flash_attention",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="llama.cpp's flash attention kernel: faster decode steps of several sequences; off, prompt chunks far "
-        "into a long context (a chat's next turn) prefill faster (default: on; --deterministic turns it off; "
-        "docs/engine.md, 'Flash attention')",
+        help="llama.cpp's flash attention kernel (default: on). Off, a row's logits depend on its sequence's other "
+        "rows in a step, so speculation and idle prefill are off too and the prefix cache reuses whole chunks "
+        "only (docs/engine.md, 'Flash attention')",
     )
     group.add_argument(
         "--speculative-tokens",
@@ -123,7 +125,8 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         metavar="K",
         help="while one sequence decodes alone, guess up to K next tokens by prompt lookup (the tokens that followed "
         "the latest earlier occurrence of its last few tokens) and check them in the same step; sampling is unchanged, "
-        "each guess that holds is a token for free. 0 turns it off; --deterministic does too (default: %(default)s)",
+        "each guess that holds is a token for free. 0 turns it off; so does --no-flash-attn unless "
+        "--fast-nondeterministic (default: %(default)s)",
     )
     group.add_argument(
         "--speculative-ngram",

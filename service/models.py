@@ -99,8 +99,8 @@ class EngineSettings:
     max_n: int = 8  # --max-n; `choice_limit` also bounds n by max_sequences
     prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
     idle_prefill: bool = True  # idle free slots prefill what their sequences generated (idle_prefill.py)
-    deterministic: bool = False  # kernels that do not switch with load: output does not depend on it
-    flash_attention: bool = True  # llama.cpp's fused attention kernel (off with `deterministic`)
+    deterministic: bool = True  # kernels that do not switch with a batch's shape: output does not depend on load
+    flash_attention: bool = True  # llama.cpp's fused attention kernel (model.py: what it adds to `deterministic`)
     speculative_tokens: int = 3  # prompt-lookup guesses checked per step of a lone sequence (0: off)
     speculative_ngram: tuple[int, int] = (2, 4)  # lengths of the history's ending that prompt lookup matches
 

@@ -71,7 +71,7 @@ class IdlePrefill:
         self._batch = batch
         self._cache = cache
         self._timings = timings
-        # Pieces need chunks of any boundary (prefix_cache.py): not with --deterministic.
+        # Pieces need chunks of any boundary (prefix_cache.py): not with flash attention off.
         self.enabled = enabled and cache.enabled and cache.min_rows is not None
         self._min_rows = cache.min_rows or 0
         self.stats = IdlePrefillStats()

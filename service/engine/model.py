@@ -38,6 +38,17 @@ _kernels_pinned: bool | None = None  # the `deterministic` every model of this p
 # product, so the choice holds for the whole process.
 _TILED_MATMUL_ENV = "GGML_CPU_TILED_MM"
 
+# ggml.h's GGML_TYPE_BF16 (llama_cpp does not export it). llama.cpp's CPU flash attention has three
+# paths: a query row alone over the whole KV (what a decode step of several sequences takes), a
+# split-KV path for one sequence decoding one row alone with 512 cached positions or more, and a
+# tiled path for 64 query rows of a sequence or more (prompt chunks). They round differently. The
+# other two are taken only when K and V are cached in the same type, F16 or F32, so with V cached as
+# BF16 every row takes the first: a row's logits then depend on nothing but its own tokens, not on
+# the rows beside it, the chunk that computed its KV, or whether a guess is checked with it
+# (benchmarks/determinism.py checks each of these). BF16 is F16's size; V keeps 8 significant bits
+# instead of 11.
+GGML_TYPE_BF16 = 30
+
 # ggml_log_level (ggml.h): 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR; 5 CONT continues the previous line.
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _llama_log = logging.getLogger("llama.cpp")
@@ -104,7 +115,7 @@ class LoadedModel:
         max_sequences: int = 8,
         batch_size: int = 512,
         threads: int | None = None,
-        deterministic: bool = False,
+        deterministic: bool = True,
         flash_attention: bool = True,
     ) -> None:
         if not path.is_file():
@@ -115,7 +126,10 @@ class LoadedModel:
         self.path = path
         self.max_sequences = max_sequences
         self.deterministic = deterministic
-        self.flash_attention = flash_attention and not deterministic
+        self.flash_attention = flash_attention
+        # A row's logits do not depend on the other rows of its step nor on how its sequence's
+        # positions were chunked: speculation and any-boundary prefix reuse keep output identical.
+        self.rows_independent = deterministic and flash_attention
         self.batch_size = batch_size
 
         model_params = llama_cpp.llama_model_default_params()
@@ -147,18 +161,17 @@ class LoadedModel:
         # Separate KV streams: sequences share no prefix yet, and each gets its whole window.
         context_params.kv_unified = False
         context_params.no_perf = True
-        # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it. The
-        # CPU flash-attention kernel decodes several sequences faster, but a sequence decoding alone
-        # with more than 256 tokens of context takes its split-KV path, and one sharing the step with
-        # others does not, so their logits differ; the unfused attention gives identical logits
-        # whatever shares the step, so `deterministic` leaves flash attention off. Off is also faster
-        # for prompt chunks far into a context (docs/engine.md, "Flash attention"; measured by
-        # benchmarks/attention.py).
+        # Pinned rather than "auto" so that output does not depend on how llama.cpp resolves it. Off,
+        # the unfused attention multiplies F16 KV with another kernel from 2 query rows on, so rows
+        # are independent of the other sequences in a step but not of their own sequence's other
+        # rows (docs/engine.md, "Flash attention"; benchmarks/attention.py).
         context_params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if self.flash_attention
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
+        if self.rows_independent:
+            context_params.type_v = GGML_TYPE_BF16
         self.context = llama_cpp.llama_init_from_model(self.model, context_params)
         if not self.context:
             raise ModelLoadError(f"llama.cpp could not create a context for {path}")

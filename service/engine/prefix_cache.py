@@ -6,22 +6,23 @@ tokens (a chat resending its history) takes that slot (slots.py) and prefills on
 The cache is the free slots themselves, so it is bounded by `--parallel` and costs no memory
 beyond the KV cache llama.cpp has already allocated.
 
-Exactness. Output with the cache must be bit-identical to output without it. llama.cpp's kernels
-depend on the number of rows in a ubatch, so the KV of a position depends on the chunk that
-computed it, not only on the tokens before it: a prompt's tail decoded token by token, or prefilled
-in a short chunk, gives other logits than the same tail inside a long chunk. Without the cache a
+Exactness. Output with the cache must be bit-identical to output without it. Without the cache a
 prompt is prefilled in chunks at fixed boundaries (multiples of `chunk` from position 0), and so
-are the pieces after a reused prefix. Two rules (docs/engine.md, "Slots and the prefix cache",
-says what was measured; tests/service/test_prefix_cache.py holds the output bit-identical):
+are the pieces after a reused prefix. With the default kernels a position's KV does not depend on
+the chunk that computed it (model.py, `rows_independent`); with others it does: a prompt's tail
+decoded token by token, or prefilled in a short chunk, gives other logits than the same tail inside
+a long chunk. Two rules (docs/engine.md, "Slots and the prefix cache", says what was measured;
+tests/service/test_prefix_cache.py holds the output bit-identical):
 
-- any boundary (the default kernels, `chunk` >= 64): a position gets the same KV from every chunk
-  of 64 rows or more, wherever the chunk starts (llama.cpp's flash attention takes its tiled path,
-  one query row independent of the others, from 64 rows; the unfused attention and the tiled
-  matmul treat rows alone from fewer). So a slot offers every prompt position computed in chunks of
-  >= 64 rows, and a request reuses a prefix only if each piece it still prefills has >= 64 rows, or
-  is exactly the cold prefill's short last chunk.
-- whole chunks (`--deterministic`, or a `chunk` under 64): a slot offers only whole `chunk`-sized
-  chunks of its prompt, at the cold boundaries.
+- any boundary (independent rows, or `--fast-nondeterministic` with `chunk` >= 64): a slot offers
+  every prompt position computed in chunks of >= 64 rows, and a request reuses a prefix only if
+  each piece it still prefills has >= 64 rows, or is exactly the cold prefill's short last chunk.
+  With `--fast-nondeterministic` that is what exactness needs (flash attention's tiled path, one
+  query row independent of the others, takes chunks from 64 rows; the unfused attention and the
+  tiled matmul treat rows alone from fewer); with independent rows any piece would do, and 64 rows
+  keeps one rule for both.
+- whole chunks (flash attention off, or a `chunk` under 64): a slot offers only whole
+  `chunk`-sized chunks of its prompt, at the cold boundaries.
 
 Never the generated tokens as they were decoded (one row at a time). Instead, with any boundary, a
 free slot also keeps what its sequence went on with (`Retained.followed`: the rest of the prompt and
@@ -42,8 +43,8 @@ import llama_cpp
 import numpy as np
 
 # GGML_FA_TILE_Q in llama.cpp's CPU backend: flash attention's tiled path takes chunks of this many
-# rows or more (see "Exactness" above). Without flash attention fewer rows would do, but one rule
-# for both keeps what a slot offers independent of the setting.
+# rows or more (see "Exactness" above). Other kernels would need fewer, but one rule for all keeps
+# what a slot offers independent of the setting.
 ANY_BOUNDARY_ROWS = 64
 
 

@@ -124,7 +124,10 @@ class Scheduler:
         self._arriving = 0  # requests being checked and tokenized for this model (arriving())
         self.timings = StepTimings()
         self.prefix_cache = PrefixCache(
-            model.memory, self._prefill_chunk, enabled=prefix_cache, any_boundary=not model.deterministic
+            model.memory,
+            self._prefill_chunk,
+            enabled=prefix_cache,
+            any_boundary=model.rows_independent or not model.deterministic,
         )
         self.slots = Slots(model.memory, model.max_sequences, self.prefix_cache)
         self._decoder = Decoder(model, self.timings)
@@ -132,10 +135,12 @@ class Scheduler:
         self.idle_prefill = IdlePrefill(
             model, self._decoder.batch, self.prefix_cache, self.timings, enabled=idle_prefill
         )
-        # Guesses change which kernels compute a row (speculation.py), and a memory that cannot drop
-        # a tail (recurrent models) cannot take rejected guesses back.
+        # Where rows are not independent, checking guesses would change the logits of the rows that
+        # check them (speculation.py); a memory that cannot drop a tail (recurrent models) cannot
+        # take rejected guesses back.
         self._speculation = None
-        if speculative_tokens > 0 and not model.deterministic and not model.is_recurrent:
+        keeps_output = model.rows_independent or not model.deterministic
+        if speculative_tokens > 0 and keeps_output and not model.is_recurrent:
             lookup = PromptLookup(speculative_tokens, *speculative_ngram)
             self._speculation = SpeculativeStep(model, lookup, self._decoder, self._sampler, self.timings)
         self._workers = WorkerPool()

@@ -7,10 +7,11 @@ output): the tokens that followed the latest earlier occurrence of its last `max
 `min_n`) tokens - prompt lookup decoding, vLLM's "ngram" method. speculative_step.py checks the
 guesses; a sampled token is always drawn as a plain step would draw it.
 
-What it does not keep: a row's logits from a step of several rows are not bit-identical to those
-of a one-row step once llama.cpp's kernels switch (flash attention's split-KV path serves a lone
-sequence past 256 tokens of context), so at a near-tie a speculative step can pick another token
-than a plain one would. `--deterministic` therefore turns speculation off.
+Output is unchanged: with the default kernels (model.py, `rows_independent`) a row's logits are
+bit-identical whether its token is checked as a guess in a step of several rows or decoded alone.
+Where rows are not independent (flash attention off, or `--fast-nondeterministic`, whose split-KV
+path serves a lone sequence past 512 cached positions) a speculative step could pick another token
+at a near-tie; the scheduler turns speculation off in the first case and accepts it in the second.
 
 When guesses keep failing, a step of k + 1 rows costs more than the tokens it yields; each
 sequence keeps a moving average of the share of its guesses that held and, while that is under the

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -74,9 +77,20 @@ def test_same_seed_same_text(stub, auth_metadata):
 
 def llama_cpp_greedy(prompt_tokens: list[int], max_tokens: int) -> list[int]:
     """llama.cpp's own greedy decoding (its greedy sampler, its batch API) of the prompt tokens,
-    with the model and context loaded as the server loads them."""
+    with the model, context and kernels set up as the server sets them (in a process of its own:
+    llama.cpp reads its kernel switch once per process)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_llama_cpp_greedy, prompt_tokens, max_tokens).result(timeout=300)
+
+
+def _llama_cpp_greedy(prompt_tokens: list[int], max_tokens: int) -> list[int]:
+    import os
+
+    os.environ["GGML_CPU_TILED_MM"] = "0"
     import llama_cpp
 
+    from service.engine.model import GGML_TYPE_BF16
     from service.models import embedded_model_path
     from tests.conftest import CTX_SIZE
 
@@ -86,6 +100,7 @@ def llama_cpp_greedy(prompt_tokens: list[int], max_tokens: int) -> list[int]:
     context_params = llama_cpp.llama_context_default_params()
     context_params.n_ctx = CTX_SIZE
     context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    context_params.type_v = GGML_TYPE_BF16
     context = llama_cpp.llama_init_from_model(model, context_params)
     vocab = llama_cpp.llama_model_get_vocab(model)
     sampler = llama_cpp.llama_sampler_init_greedy()

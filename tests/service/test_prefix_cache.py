@@ -259,10 +259,9 @@ def test_n_choices_and_cancelled_requests_stay_identical(engine_pair):
     assert cached.run(prompt, n=2, **seeded) == plain.run(prompt, n=2, **seeded)
 
 
-@pytest.mark.parametrize("flash_attention", [True, False], ids=["flash-attn", "no-flash-attn"])
-def test_idle_prefill_lets_the_next_turn_reuse_the_answer(flash_attention, engine_pair):
-    cached, plain = engine_pair(idle_prefill=True, flash_attention=flash_attention)
-    assert cached.model.flash_attention is flash_attention
+def test_idle_prefill_lets_the_next_turn_reuse_the_answer(engine_pair):
+    cached, plain = engine_pair(idle_prefill=True)
+    assert cached.model.rows_independent
     messages: list[dict] = []
     previous: list[int] | None = None
     for turn in range(3):
@@ -286,6 +285,26 @@ def test_idle_prefill_lets_the_next_turn_reuse_the_answer(flash_attention, engin
         cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens
         == plain.scheduler.timings.prefilled_tokens
     )
+
+
+def test_without_flash_attention_the_cache_reuses_whole_chunks_only(engine_pair):
+    """The unfused attention computes a sequence's rows with another kernel from 2 rows of it on, so
+    a position's KV depends on its chunk: no idle prefill, no speculation, whole chunks only, and
+    still the output of a cache-off engine."""
+    cached, plain = engine_pair(idle_prefill=True, chunk=64, flash_attention=False)
+    assert not cached.model.rows_independent
+    assert cached.cache.min_rows is None and not cached.scheduler.idle_prefill.enabled
+    assert cached.scheduler._speculation is None
+    messages = [{"role": "user", "content": question(TOPICS[1], 0)}]
+    for turn in range(2):
+        prompt = cached.prompt(messages)
+        reused_before = cached.cache.stats.reused_tokens
+        answer = plain.run(prompt, max_tokens=48, temperature=0.0)
+        assert cached.run(prompt, max_tokens=48, temperature=0.0) == answer, f"turn {turn + 1} differs"
+        assert (cached.cache.stats.reused_tokens - reused_before) % 64 == 0
+        messages.append({"role": "assistant", "content": answer[0].text})
+        messages.append({"role": "user", "content": question(TOPICS[1], 1)})
+    assert cached.cache.stats.reused_tokens > 0
 
 
 def test_a_request_stops_idle_prefill_which_resumes_once_idle_again(engine_pair, caplog):

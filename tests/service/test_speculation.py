@@ -2,9 +2,9 @@
 
 The engine tests run the same requests on two engines over the embedded model, one guessing and one
 not, and require the same text and the same logprobs bit for bit, while the counters show that
-guesses were checked and held. They keep the context under 256 tokens: beyond it llama.cpp's flash
-attention serves a lone one-row step by another path than a step of several rows, and logprobs move
-in their last bits (speculation.py says so; texts are still compared there).
+guesses were checked and held; also past 512 tokens of context, where llama.cpp's flash attention
+would serve a lone one-row step by another path than a step of several rows if the default kernels
+did not keep every row on one (service/engine/model.py).
 """
 
 from __future__ import annotations
@@ -171,6 +171,15 @@ def test_same_tokens_and_logprobs_with_and_without_guessing(engines, sampling):
         _, gained = assert_same(guessing, plain, content, **sampling)
         accepted += gained
     assert accepted > 0  # guesses were checked and held
+
+
+def test_same_tokens_and_logprobs_past_512_tokens_of_context(engines):
+    guessing, plain = engines
+    notes = "The keeper climbs the tower at dusk, trims the wick, winds the clock and writes the log. " * 30
+    content = notes + "Repeat the first sentence of these notes three times."
+    assert len(guessing.model.render_prompt([{"role": "user", "content": content}])) > 540
+    _, accepted = assert_same(guessing, plain, content, temperature=0.0, max_tokens=64)
+    assert accepted > 0
 
 
 def test_max_tokens_and_stop_strings_inside_a_guess(engines):
