@@ -69,6 +69,7 @@ import aiohttp
 import grpc
 import httptools
 import httpx
+import llama_server  # benchmarks/, the script's own folder
 
 from chatrpc.local_server import LocalServer, free_port, serve_command
 from chatrpc.v1 import chat_pb2, chat_pb2_grpc
@@ -84,6 +85,21 @@ LOOKUP_PEER = "llama-cpp-python + prompt lookup"
 NO_SPEC_REST = "chatrpc REST, no speculation"
 NO_SPEC_GRPC = "chatrpc gRPC, no speculation"
 NO_CACHE = "chatrpc gRPC, no prefix cache"
+LLAMA_SERVER = "llama-server"
+LLAMA_SERVER_NGRAM = "llama-server + n-gram"
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+COMPARE_TARGETS = (
+    "chatrpc REST",
+    "chatrpc gRPC",
+    NO_SPEC_REST,
+    NO_SPEC_GRPC,
+    LLAMA_SERVER,
+    LLAMA_SERVER_NGRAM,
+    LLAMA_CPP_PYTHON,
+    LOOKUP_PEER,
+    ISSUE_PEER,
+    NO_CACHE,
+)
 # One wave of requests per level (two at one stream), to keep a round of --compare short: the peer
 # serves one request at a time.
 DEFAULT_REQUESTS = {1: 2, 4: 4, 8: 8, 16: 16}
@@ -625,6 +641,27 @@ def issue_peer_command(port: int, model_path: str) -> list[str]:
     ]  # fmt: skip
 
 
+def llama_server_command(binary: Path, port: int, model_path: str, threads: int, parallel: int) -> list[str]:
+    # llama.cpp's own server (benchmarks/llama_server.py builds it from the llama.cpp chatrpc runs
+    # on) with chatrpc's settings: as many slots and the same context per slot, the model's own
+    # chat template, flash attention on, all cores; its defaults otherwise (continuous batching,
+    # repacked weights where the CPU has a kernel for them).
+    return [
+        str(binary), "--model", model_path, "--alias", MODEL_ID, "--jinja", "--parallel", str(parallel),
+        "--ctx-size", str(4096 * parallel), "--flash-attn", "on", "--threads", str(threads),
+        "--threads-batch", str(threads), "--no-webui", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+def llama_server_ngram_command(binary: Path, port: int, model_path: str, threads: int, parallel: int) -> list[str]:
+    # Its own speculation from the sequence's history: n-gram lookup with chatrpc's longest n-gram
+    # (4; its default of 12 rarely matches in a 128-token answer) and its default of 3 guesses.
+    return [
+        *llama_server_command(binary, port, model_path, threads, parallel),
+        "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4",
+    ]  # fmt: skip
+
+
 # --- the runs ----------------------------------------------------------------------------------
 
 
@@ -755,16 +792,21 @@ def chat_table(chats: dict) -> list[str]:
 
 
 def ratio_lines(results: dict) -> list[str]:
-    """One stream's aggregate tok/s of each chatrpc target over each peer's; turn 6 with and without the cache."""
-    one = {
-        name: median_of(by_level[1], "aggregate_rate")
+    """Each chatrpc target's aggregate tok/s over each peer's, per level; turn 6 with and without the cache."""
+    rates = {
+        name: {level: median_of(runs, "aggregate_rate") for level, runs in by_level.items() if runs}
         for name, by_level in results["levels"].items()
-        if by_level.get(1)
     }
-    ours = [name for name in one if name.startswith("chatrpc")]
-    peers = [name for name in one if not name.startswith("chatrpc")]
-    lines = ["One stream, aggregate tok/s over the peer's (medians):", ""]
-    lines += [f"- {mine} / {peer}: {one[mine] / one[peer]:.2f}x" for mine in ours for peer in peers]
+    ours = [name for name in rates if name.startswith("chatrpc")]
+    peers = [name for name in rates if not name.startswith("chatrpc")]
+    lines = ["Aggregate tok/s over the peer's (medians):", ""]
+    lines += [
+        f"- {mine} / {peer}, {level} stream{'s' if level > 1 else ''}: {rates[mine][level] / rates[peer][level]:.2f}x"
+        for mine in ours
+        for peer in peers
+        for level in rates[mine]
+        if level in rates[peer]
+    ]
     chats = results["chats"]
     last = {name: [run[-1]["ttft"] for run in runs if run and run[-1]["ok"]] for name, runs in chats.items()}
     for pause in results.get("pauses", [0]):
@@ -814,71 +856,79 @@ async def run_compare(args: argparse.Namespace) -> dict:
     from service.models import embedded_model_path
 
     log_dir = Path(tempfile.mkdtemp(prefix="chatrpc-serving-"))
-    ports = {name: (free_port(), free_port()) for name in ("chatrpc", "no-spec", "no-cache")}
-    peer_port, lookup_peer_port, issue_peer_port = free_port(), free_port(), free_port()
     model_path, threads = str(embedded_model_path()), os.cpu_count() or 1
-
-    def chatrpc(name: str, *flags: str) -> LocalServer:
-        grpc_port, rest_port = ports[name]
-        return start(
-            name,
-            chatrpc_command(grpc_port, rest_port, args.parallel, *flags),
-            f"http://127.0.0.1:{rest_port}/health",
-            log_dir,
-        )
-
-    servers = [
-        chatrpc("chatrpc"),
-        # One stream only: what prompt-lookup speculation (on by default, for a lone sequence) adds.
-        chatrpc("no-spec", "--speculative-tokens", "0"),
-        # The chat only: turn by turn, what the prefix cache saves.
-        chatrpc("no-cache", "--no-prefix-cache"),
-        start("llama-cpp-python", peer_command(peer_port, model_path, threads),
-               f"http://127.0.0.1:{peer_port}/v1/models", log_dir),
-        start("llama-cpp-python-lookup", lookup_peer_command(lookup_peer_port, model_path, threads),
-               f"http://127.0.0.1:{lookup_peer_port}/v1/models", log_dir),
-        start("llama-cpp-python-issue-flags", issue_peer_command(issue_peer_port, model_path),
-               f"http://127.0.0.1:{issue_peer_port}/v1/models", log_dir),
-    ]  # fmt: skip
+    wanted = set(args.targets or COMPARE_TARGETS)
+    servers: dict[str, LocalServer] = {}
     clients: dict = {}
+
+    def chatrpc(name: str, *flags: str) -> tuple[int, int]:
+        grpc_port, rest_port = free_port(), free_port()
+        command = chatrpc_command(grpc_port, rest_port, args.parallel, *flags)
+        servers[name] = start(name, command, f"http://127.0.0.1:{rest_port}/health", log_dir)
+        return grpc_port, rest_port
+
+    def peer(name: str, command: list[str], port: int, health: str = "/v1/models") -> str:
+        servers[name] = start(name, command, f"http://127.0.0.1:{port}{health}", log_dir)
+        return f"http://127.0.0.1:{port}/v1"
+
     try:
-        for server in servers:
+        if wanted & {"chatrpc REST", "chatrpc gRPC"} or args.overhead_pairs:
+            grpc_port, rest_port = chatrpc("chatrpc")
+            rest_url = f"http://127.0.0.1:{rest_port}/v1"
+            clients["chatrpc REST"], clients["chatrpc gRPC"] = (
+                OpenAIClient(rest_url),
+                GrpcClient(f"127.0.0.1:{grpc_port}"),
+            )
+        if wanted & {NO_SPEC_REST, NO_SPEC_GRPC}:
+            # What prompt-lookup speculation adds.
+            grpc_port, rest_port = chatrpc("no-spec", "--speculative-tokens", "0")
+            clients[NO_SPEC_REST] = OpenAIClient(f"http://127.0.0.1:{rest_port}/v1")
+            clients[NO_SPEC_GRPC] = GrpcClient(f"127.0.0.1:{grpc_port}")
+        if NO_CACHE in wanted:
+            # The chat only: turn by turn, what the prefix cache saves.
+            clients[NO_CACHE] = GrpcClient(f"127.0.0.1:{chatrpc('no-cache', '--no-prefix-cache')[0]}")
+        if wanted & {LLAMA_SERVER, LLAMA_SERVER_NGRAM}:
+            binary = llama_server.build()
+            for name, command in (
+                (LLAMA_SERVER, llama_server_command),
+                (LLAMA_SERVER_NGRAM, llama_server_ngram_command),
+            ):
+                if name in wanted:
+                    port = free_port()
+                    clients[name] = OpenAIClient(
+                        peer(name, command(binary, port, model_path, threads, args.parallel), port, "/health")
+                    )
+        for name, command in (
+            (LLAMA_CPP_PYTHON, lambda port: peer_command(port, model_path, threads)),
+            (LOOKUP_PEER, lambda port: lookup_peer_command(port, model_path, threads)),
+            (ISSUE_PEER, lambda port: issue_peer_command(port, model_path)),
+        ):
+            if name in wanted:
+                port = free_port()
+                clients[name] = OpenAIClient(peer(name, command(port), port))
+        for server in servers.values():
             server.wait_ready()
-        grpc_port, rest_port = ports["chatrpc"]
-        clients = {
-            "chatrpc REST": OpenAIClient(f"http://127.0.0.1:{rest_port}/v1"),
-            "chatrpc gRPC": GrpcClient(f"127.0.0.1:{grpc_port}"),
-            NO_SPEC_REST: OpenAIClient(f"http://127.0.0.1:{ports['no-spec'][1]}/v1"),
-            NO_SPEC_GRPC: GrpcClient(f"127.0.0.1:{ports['no-spec'][0]}"),
-            "llama-cpp-python": OpenAIClient(f"http://127.0.0.1:{peer_port}/v1"),
-            LOOKUP_PEER: OpenAIClient(f"http://127.0.0.1:{lookup_peer_port}/v1"),
-            ISSUE_PEER: OpenAIClient(f"http://127.0.0.1:{issue_peer_port}/v1"),
-            NO_CACHE: GrpcClient(f"127.0.0.1:{ports['no-cache'][0]}"),
-        }
-        load = ForeignLoad([os.getpid()] + [server.pid for server in servers], knows_servers=True)
-        # Speculation serves a lone sequence only, and the peer with its own defaults interrupts a
-        # running request for a new one: their side targets run one stream.
-        one_stream = {name: [1] for name in (NO_SPEC_REST, NO_SPEC_GRPC, LOOKUP_PEER, ISSUE_PEER)}
+        measured = {name: client for name, client in clients.items() if name in wanted}
+        load = ForeignLoad([os.getpid()] + [server.pid for server in servers.values()], knows_servers=True)
+        # llama-cpp-python's side targets serve one request at a time (its prompt lookup) or interrupt
+        # a running request for a new one (its defaults): one stream.
+        one_stream = {name: [1] for name in (LOOKUP_PEER, ISSUE_PEER)}
         results = await measure(
-            clients,
+            measured,
             load,
             args,
             only_levels={**one_stream, NO_CACHE: []},
-            chat_with=["chatrpc REST", "chatrpc gRPC", NO_CACHE, "llama-cpp-python"],
+            chat_with=[n for n in ("chatrpc REST", "chatrpc gRPC", NO_CACHE, LLAMA_CPP_PYTHON) if n in measured],
         )
-        results["rest_overhead"] = await rest_overhead(
-            f"http://127.0.0.1:{rest_port}/v1",
-            clients["chatrpc gRPC"],
-            clients["chatrpc REST"],
-            args.overhead_pairs,
-            load,
-            args,
-        )
+        if args.overhead_pairs:
+            results["rest_overhead"] = await rest_overhead(
+                rest_url, clients["chatrpc gRPC"], clients["chatrpc REST"], args.overhead_pairs, load, args
+            )
         return results
     finally:
         for client in clients.values():
             await client.close()
-        for server in servers:
+        for server in servers.values():
             server.stop()
         print(f"server logs: {log_dir}", file=sys.stderr)
 
@@ -950,7 +1000,16 @@ def main() -> None:
         help="measurements of a level or chat again when others loaded the machine (default: 2)",
     )
     parser.add_argument("--cap", type=float, default=120, help="seconds a level may start requests (default: 120)")
-    parser.add_argument("--parallel", type=int, default=8, help="chatrpc's --parallel in --compare (default: 8)")
+    parser.add_argument(
+        "--parallel", type=int, default=8, help="chatrpc's --parallel and llama-server's in --compare (default: 8)"
+    )
+    parser.add_argument(
+        "--target",
+        dest="targets",
+        action="append",
+        choices=COMPARE_TARGETS,
+        help="--compare: only this target; repeat for several (default: all)",
+    )
     parser.add_argument(
         "--overhead-pairs",
         type=int,

@@ -78,6 +78,31 @@ class TokenBatch:
         return self.struct
 
 
+def ubatch_rows(seq_ids: TokenList[int], rows: TokenList[int]) -> list[int]:
+    """The rows of each ubatch, each a pass over the weights, that llama.cpp splits a step into when
+    the sequences (increasing ids) bring these many rows each, with a KV stream per sequence.
+
+    Its split (llama_batch_allocr::split_equal, sequential) starts a ubatch at the first sequence
+    with rows left, adds the following ones while their ids run on consecutively and they still
+    have rows, and takes the same number of rows from each: as many as the shortest has left.
+    """
+    remaining = list(rows)
+    ubatches = []
+    start = 0
+    while True:
+        while start < len(remaining) and not remaining[start]:
+            start += 1
+        if start == len(remaining):
+            return ubatches
+        end = start + 1
+        while end < len(remaining) and remaining[end] and seq_ids[end] == seq_ids[end - 1] + 1:
+            end += 1
+        taken = min(remaining[start:end])
+        for index in range(start, end):
+            remaining[index] -= taken
+        ubatches.append(taken * (end - start))
+
+
 class Decoder:
     """The llama_decode calls of requests' steps on one model's context (scheduler thread only)."""
 

@@ -130,6 +130,10 @@ class LoadedModel:
         # A row's logits do not depend on the other rows of its step nor on how its sequence's
         # positions were chunked: speculation and any-boundary prefix reuse keep output identical.
         self.rows_independent = deterministic and flash_attention
+        # Whether reusing KV computed in other chunks or steps (the prefix cache at any boundary,
+        # idle prefill) and checking guesses (speculation) leave output as it is: with independent
+        # rows by construction, and trivially where output was not promised to be deterministic.
+        self.reuse_keeps_output = self.rows_independent or not deterministic
         self.batch_size = batch_size
 
         model_params = llama_cpp.llama_model_default_params()

@@ -10,9 +10,10 @@ newcomers, each chunk in a decode call of its own, at most one chunk per step wh
 so that a newcomer does not stall the sequences already decoding. Prompts are
 prefilled in chunks of `prefill_chunk` tokens at fixed boundaries, whatever the prefix cache
 supplied, so that reusing a prefix never changes the output (prefix_cache.py). The other parts of
-a step have files of their own: n choices sharing one prefill (choices.py), a lone sequence's
-guesses (speculative_step.py), the prefill of finished sequences' answers while idle
-(idle_prefill.py), and letting llama.cpp's threads go when there is nothing to decode (openmp.py).
+a step have files of their own: n choices sharing one prefill (choices.py), the decoding
+sequences' guesses and what checking them costs (speculation.py, speculative_step.py,
+step_cost.py), the prefill of finished sequences' answers while idle (idle_prefill.py), and
+letting llama.cpp's threads go when there is nothing to decode (openmp.py).
 
 Decode runs on this thread, never on the asyncio loop; results go back to the loop with
 `call_soon_threadsafe`, one update per sequence per step.
@@ -127,7 +128,7 @@ class Scheduler:
             model.memory,
             self._prefill_chunk,
             enabled=prefix_cache,
-            any_boundary=model.rows_independent or not model.deterministic,
+            any_boundary=model.reuse_keeps_output,
         )
         self.slots = Slots(model.memory, model.max_sequences, self.prefix_cache)
         self._decoder = Decoder(model, self.timings)
@@ -139,8 +140,7 @@ class Scheduler:
         # check them (speculation.py); a memory that cannot drop a tail (recurrent models) cannot
         # take rejected guesses back.
         self._speculation = None
-        keeps_output = model.rows_independent or not model.deterministic
-        if speculative_tokens > 0 and keeps_output and not model.is_recurrent:
+        if speculative_tokens > 0 and model.reuse_keeps_output and not model.is_recurrent:
             lookup = PromptLookup(speculative_tokens, *speculative_ngram)
             self._speculation = SpeculativeStep(model, lookup, self._decoder, self._sampler, self.timings)
         self._workers = WorkerPool()
@@ -369,32 +369,33 @@ class Scheduler:
             self._decode(decoding)
 
     def _decode(self, decoding: list[Sequence]) -> None:
-        """One token for every decoding sequence, in one batch (or a few for a lone sequence whose
-        guesses pay)."""
+        """One token for every decoding sequence, in one batch, and the guesses that pay."""
         self.timings.steps_by_rows[len(decoding)] += 1
-        if len(decoding) == 1 and self._speculation is not None and self._speculation.available:
-            sequence = decoding[0]
-            draft = self._speculation.draft(sequence)
-            if draft:
-                try:
-                    outcome = self._speculation.run(sequence, draft)
-                except GenerationFailed as error:
-                    outcome = error
-                self._deliver(sequence, outcome)
-                return
         # With a KV stream per sequence llama.cpp puts only consecutive, increasing sequence ids in
         # one ubatch and runs every other run of ids as a ubatch of its own, a whole pass over the
         # weights each: rows out of order (admission order) would split a step of 8 rows into up to
         # 8 passes. The slots are handed out so that the active ids stay in few runs.
         decoding.sort(key=attrgetter("seq_id"))
-        batch = self._decoder.batch
-        batch.clear()
-        for sequence in decoding:
-            batch.add(sequence.seq_id, (sequence.last_token,), sequence.n_past, output_last=True)
-        self._decoder.run()
-        for sequence in decoding:
-            sequence.n_past += 1
-        self._sample(decoding, self._decoder.logits(len(decoding)))
+        speculation = self._speculation if self._speculation is not None and self._speculation.available else None
+        started = time.perf_counter()
+        drafts = speculation.drafts(decoding) if speculation is not None else None
+        if drafts is not None:
+            outcomes = speculation.run(decoding, drafts)
+            rows = [1 + len(draft) for draft in drafts]
+        else:
+            batch = self._decoder.batch
+            batch.clear()
+            for sequence in decoding:
+                batch.add(sequence.seq_id, (sequence.last_token,), sequence.n_past, output_last=True)
+            self._decoder.run()
+            for sequence in decoding:
+                sequence.n_past += 1
+            outcomes = self._sampler.sample(decoding, self._decoder.logits(len(decoding)))
+            rows = [1] * len(decoding)
+        if speculation is not None:
+            speculation.timed([s.seq_id for s in decoding], rows, time.perf_counter() - started)
+        for sequence, outcome in zip(decoding, outcomes, strict=True):
+            self._deliver(sequence, outcome)
 
     def _prefill(self, sequence: Sequence) -> int:
         """The next prompt chunk of one sequence; returns how many tokens it took."""
