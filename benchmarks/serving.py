@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/serving.py --openai-url http://127.0.0.1:8000/v1   # any OpenAI-compatible server
     .venv/bin/python benchmarks/serving.py --grpc 127.0.0.1:50051                  # chatrpc's gRPC service
-    .venv/bin/python benchmarks/serving.py --compare [--json results.json]          # starts, measures, stops all three
+    .venv/bin/python benchmarks/serving.py --compare [--json results.json]          # starts, measures, stops them all
     .venv/bin/python benchmarks/serving.py --rest-overhead --overhead-pairs 1000    # starts chatrpc: REST vs gRPC only
 
 Every request streams, is greedy (temperature 0) and asks for `--max-tokens` (128) tokens with the
@@ -31,12 +31,15 @@ else as content chunks. Also measured:
                      of per-round differences; REST is timed with a bare HTTP/1.1 client on
                      httptools, and also with aiohttp and httpx
 
---compare runs chatrpc (`chatrpc serve --parallel 8`) and the peer, llama-cpp-python's own server
-(`python -m llama_cpp.server`, the `llama-cpp-python[server]` extra, through llama_cpp_peer.py), on
-free loopback ports and the same model, measures chatrpc via REST, chatrpc via gRPC and the peer at
-every level, and at one stream only: chatrpc without speculation (`--speculative-tokens 0`), the
-peer with its own prompt-lookup speculation, and the peer with issue 5's flags (its defaults); the
-chat also runs on a chatrpc with `--no-prefix-cache`. It prints markdown tables of the medians over
+--compare runs chatrpc (`chatrpc serve --parallel 8`) and its peers on free loopback ports and the
+same model: llama.cpp's own llama-server (built by llama_server.py from the llama.cpp that
+llama-cpp-python vendors), with and without its n-gram speculation, at the same `--parallel`; and
+llama-cpp-python's server (`python -m llama_cpp.server`, the `llama-cpp-python[server]` extra,
+through llama_cpp_peer.py). It measures chatrpc via REST and via gRPC, chatrpc without speculation
+(`--speculative-tokens 0`), llama-server and llama-cpp-python at every level, and at one stream
+only llama-cpp-python with its own prompt-lookup speculation and with issue 5's flags (its
+defaults); the chat also runs on a chatrpc with `--no-prefix-cache`. `--target` picks a subset.
+It prints markdown tables of the medians over
 `--repeats` (2) rounds and the ratios issue 5 asks about; in each round every target runs in turn,
 as do the chats (one chat per target, `--chat-repeats` times), so that drifting load on a shared
 machine falls on all of them alike. Before each level (and each chat) the run waits, up to

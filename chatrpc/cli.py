@@ -123,10 +123,11 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         type=_non_negative,
         default=3,
         metavar="K",
-        help="while one sequence decodes alone, guess up to K next tokens by prompt lookup (the tokens that followed "
-        "the latest earlier occurrence of its last few tokens) and check them in the same step; sampling is unchanged, "
-        "each guess that holds is a token for free. 0 turns it off; so does --no-flash-attn unless "
-        "--fast-nondeterministic (default: %(default)s)",
+        help="guess up to K next tokens of each decoding sequence by prompt lookup (the tokens that followed the "
+        "latest earlier occurrence of its last few tokens) and check them in its next step, where the guesses' "
+        "measured acceptance pays for the rows they add on this machine; sampling is unchanged, each guess that "
+        "holds is a token for free. 0 turns it off; so does --no-flash-attn unless --fast-nondeterministic "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--speculative-ngram",

@@ -147,12 +147,20 @@ def _integer_within_double(text: str) -> int:
     return value
 
 
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as infinity, which JSON cannot carry on
+        raise ValueError(f"the number {text[:20]} is past a double's range")
+    return value
+
+
 def json_object_from_text(text: str, param: str) -> dict[str, Any]:
     """A JSON object given as text, its key order kept (what a client wrote, the order the output
     follows); INVALID_ARGUMENT naming `param` when it is not one JSON can carry."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_int=_integer_within_double)
-        json.dumps(value, allow_nan=False)  # 1e400 reads as infinity
+        value = json.loads(
+            text, parse_constant=_refuse_constant, parse_int=_integer_within_double, parse_float=_finite_number
+        )
     except RecursionError:
         raise InvalidArgument(param, f"'{param}' is nested too deeply.") from None
     except ValueError as error:

@@ -140,6 +140,7 @@ def plan(seq_ids: TokenList[int], drafts: TokenList[int], acceptance: TokenList[
     count = len(seq_ids)
     best = [0] * count
     best_rate = count / cost.seconds(ubatch_rows(seq_ids, [1] * count))
+    previous_level = 0.0
     for guesses in range(1, max(drafts) + 1):
         gains = [
             (sum(p**j for j in range(1, guesses + 1)), index)
@@ -149,11 +150,19 @@ def plan(seq_ids: TokenList[int], drafts: TokenList[int], acceptance: TokenList[
         gains.sort(reverse=True)
         rows = [1] * count
         tokens = float(count)
+        level = 0.0  # the best rate with this many guesses per guessing sequence
         for gain, index in gains:
             rows[index] += guesses
             tokens += gain
             rate = tokens / cost.seconds(ubatch_rows(seq_ids, rows))
+            level = max(level, rate)
             if rate > best_rate:
                 best_rate = rate
                 best = [r - 1 for r in rows]
+        # Each further guess yields less (p^k) for the same row's price, while an extra pass costs
+        # the same at any length: once the best rate falls from one length to the next, it goes on
+        # falling.
+        if level < previous_level:
+            break
+        previous_level = level
     return best

@@ -19,8 +19,8 @@ class StepTimings:
     drafted_tokens: int = 0  # guesses checked
     accepted_tokens: int = 0  # of them, those that held (tokens gained over plain steps)
     idle_prefill_seconds: float = 0.0  # inside llama_decode for idle prefill (idle_prefill.py)
-    # Decode steps by how many sequences each one decoded (one llama_decode of that many rows, or a
-    # lone sequence's speculative step): how well steps are batched.
+    # Decode steps by how many sequences each one decoded (one llama_decode, with or without
+    # guesses): how well steps are batched.
     steps_by_rows: collections.Counter[int] = field(default_factory=collections.Counter)
 
     def reset(self) -> None:

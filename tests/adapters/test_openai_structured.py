@@ -16,6 +16,8 @@ import jsonschema
 import openai
 import pytest
 
+from tests.service.test_structured_grpc import ORDERED, ORDERED_SCHEMA
+
 MODEL = "gemma-3-270m"
 PROMPT = [{"role": "user", "content": "Tell me about a person."}]
 
@@ -261,15 +263,8 @@ def test_json_schema_outputs_mostly_finish(schema_answers):
 def test_the_output_follows_the_order_of_the_schemas_properties(openai_client):
     """The client's order, kept end to end (a protobuf Struct would scramble it per process, and so
     the answer): every key in schema order, whatever the alphabet says."""
-    order = ["zeta", "alpha", "mid", "beta"]
-    schema = {
-        "type": "object",
-        "properties": {name: {"type": "boolean"} for name in order},
-        "required": order,
-        "additionalProperties": False,
-    }
-    for properties in (order, list(reversed(order))):
-        reordered = {**schema, "properties": {name: {"type": "boolean"} for name in properties}}
+    for properties in (ORDERED, list(reversed(ORDERED))):
+        reordered = {**ORDERED_SCHEMA, "properties": {name: {"type": "boolean"} for name in properties}}
         completion = create(
             openai_client,
             temperature=0,
