@@ -121,7 +121,7 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     group.add_argument(
         "--speculative-tokens",
         type=_non_negative,
-        default=3,
+        default=10,
         metavar="K",
         help="guess up to K next tokens of each decoding sequence by prompt lookup (the tokens that followed the "
         "latest earlier occurrence of its last few tokens) and check them in its next step, where the guesses' "

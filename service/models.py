@@ -101,7 +101,7 @@ class EngineSettings:
     idle_prefill: bool = True  # idle free slots prefill what their sequences generated (idle_prefill.py)
     deterministic: bool = True  # kernels that do not switch with a batch's shape: output does not depend on load
     flash_attention: bool = True  # llama.cpp's fused attention kernel (model.py: what it adds to `deterministic`)
-    speculative_tokens: int = 3  # prompt-lookup guesses a sequence may check per step (0: off)
+    speculative_tokens: int = 10  # prompt-lookup guesses a sequence may check per step (0: off)
     speculative_ngram: tuple[int, int] = (2, 4)  # lengths of the history's ending that prompt lookup matches
 
 

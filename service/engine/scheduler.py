@@ -108,7 +108,7 @@ class Scheduler:
         prefill_chunk: int = 256,
         prefix_cache: bool = True,
         idle_prefill: bool = True,
-        speculative_tokens: int = 3,
+        speculative_tokens: int = 10,
         speculative_ngram: tuple[int, int] = (2, 4),
     ) -> None:
         self._model = model

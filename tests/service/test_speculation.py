@@ -225,7 +225,7 @@ class Engine:
 
 @pytest.fixture(scope="module")
 def engines():
-    guessing, plain = Engine(speculative_tokens=3), Engine(speculative_tokens=0)
+    guessing, plain = Engine(speculative_tokens=10), Engine(speculative_tokens=0)
     yield guessing, plain
     guessing.close()
     plain.close()
