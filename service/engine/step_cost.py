@@ -37,24 +37,13 @@ class StepCost:
         self._xx = np.zeros((3, 3))
         self._xy = np.zeros(3)
         self._prior: np.ndarray | None = None
-        self.prices = np.ones(3)  # per_ubatch, per_row, single_row (seconds), once observed
-        self._per_ubatch, self._per_row, self._single_row = self.prices.tolist()
+        # Seconds, meaningful once a step was observed; plain floats, because the scheduler prices a
+        # few dozen candidate steps per step (speculation.plan).
+        self.per_ubatch = self.per_row = self.single_row = 1.0
 
     @property
     def observed(self) -> bool:
         return self._prior is not None
-
-    @property
-    def per_ubatch(self) -> float:
-        return float(self.prices[0])
-
-    @property
-    def per_row(self) -> float:
-        return float(self.prices[1])
-
-    @property
-    def single_row(self) -> float:
-        return float(self.prices[2])
 
     def observe(self, ubatches: list[int], seconds: float) -> None:
         x = _features(ubatches)
@@ -67,12 +56,11 @@ class StepCost:
         self._xy = _DECAY * self._xy + x * seconds
         fitted = np.linalg.solve(self._xx + _PRIOR_WEIGHT * np.eye(3), self._xy + _PRIOR_WEIGHT * self._prior)
         # No price is negative, and a row always costs something, or every guess would look free.
-        self.prices = np.maximum(fitted, [0.0, 1e-3 * self._prior[1], 0.0])
-        self._per_ubatch, self._per_row, self._single_row = self.prices.tolist()
+        prices = np.maximum(fitted, [0.0, 1e-3 * self._prior[1], 0.0])
+        self.per_ubatch, self.per_row, self.single_row = prices.tolist()
 
     def seconds(self, ubatches: list[int]) -> float:
-        # Plain floats: the scheduler prices a few dozen candidate steps per step (speculation.plan).
         total = 0.0
         for rows in ubatches:
-            total += self._per_ubatch + self._per_row * rows if rows > 1 else self._single_row
+            total += self.per_ubatch + self.per_row * rows if rows > 1 else self.single_row
         return total

@@ -142,7 +142,7 @@ class FixedCost(StepCost):
 
     def __init__(self, per_ubatch: float, per_row: float) -> None:
         super().__init__()
-        self._per_ubatch, self._per_row, self._single_row = per_ubatch, per_row, per_ubatch + per_row
+        self.per_ubatch, self.per_row, self.single_row = per_ubatch, per_row, per_ubatch + per_row
 
     @property
     def observed(self) -> bool:
