@@ -1,6 +1,6 @@
 """llama.cpp's own server, built from the llama.cpp that the installed llama-cpp-python vendors.
 
-    .venv/bin/python benchmarks/llama_server.py            # build once (about 11 min on 2 cores), print its path
+    .venv/bin/python benchmarks/llama_server.py            # build once (minutes; docs/benchmarks.md), print its path
 
 The serving benchmark's main peer (serving.py --compare). It is built, not downloaded, because no
 binary of that exact llama.cpp exists for this machine, and so that both servers run the same
