@@ -5,11 +5,13 @@ leave mid-stream, and concurrent streams under continuous batching.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import httpx
 import pytest
 
+from chatrpc.cli import build_parser
 from tests.adapters.at_once import at_once
 from tests.conftest import PARALLEL
 
@@ -130,9 +132,12 @@ def test_sse_events_arrive_incrementally(http):
         for line in response.iter_lines():
             if line.startswith("data: "):
                 arrivals.append(time.monotonic())
-    # One event per decode step: a step emits one token, or up to 4 when it checked 3 guesses
-    # (--speculative-tokens), so 60 tokens make at least 15 content events.
-    assert len(arrivals) >= 15
+    # One event per decode step: a step emits one token, or up to K + 1 when it checked K guesses
+    # (--speculative-tokens, left at its default here), so 60 tokens make at least 60 / (K + 1)
+    # content events. How many guesses a step checks follows the step times measured on the machine,
+    # so the count between that bound and 60 varies from run to run; the tokens do not.
+    most_per_event = build_parser().parse_args(["serve"]).speculative_tokens + 1
+    assert len(arrivals) >= math.ceil(60 / most_per_event)
     # 60 tokens take at least ~0.5 s: the first event must come well before the last.
     assert arrivals[-1] - arrivals[0] > 0.2
 
