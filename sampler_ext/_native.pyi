@@ -94,6 +94,7 @@ class BatchSampler:
         logits: numpy.typing.NDArray[numpy.float32],
         keys: numpy.typing.NDArray[numpy.int64] | list[int],
         masks: numpy.typing.NDArray[numpy.uint32] | None = None,
+        rows: numpy.typing.NDArray[numpy.int64] | list[int] | None = None,
     ) -> Sampled:
         """Chooses the next token of every row's sequence and records it in that sequence.
 
@@ -106,6 +107,10 @@ class BatchSampler:
             masks: optional C-contiguous uint32 ``(rows, ceil(vocab_size / 32))``: bit ``j % 32``
                 of word ``j // 32`` set means token ``j`` is allowed (the llguidance / xgrammar
                 layout). Applied before bias and penalties; a row of all ones is unconstrained.
+            rows: optional, one per key: row ``r`` samples ``logits[rows[r]]`` instead of
+                ``logits[r]``, and ``logits`` may hold any number of rows. Some rows of a decode
+                step's logits are so sampled where they are, not copied out first. A masks row
+                still goes with each key.
 
         Returns:
             The tokens and logprobs of the rows, in the order of ``keys``.

@@ -97,11 +97,32 @@ impl BatchSampler {
         keys: &[i64],
         masks: Option<&[u32]>,
     ) -> Result<BatchOutput, SamplerError> {
-        self.check_batch(logits, keys, masks)?;
+        let rows = keys.len();
+        if logits.len() != rows * self.vocab_size {
+            return Err(SamplerError::BatchShape(format!(
+                "logits hold {} values, expected {rows} rows of {}",
+                logits.len(),
+                self.vocab_size
+            )));
+        }
+        self.sample_rows(logits, &(0..rows).collect::<Vec<_>>(), keys, masks)
+    }
+
+    /// Samples row `rows[r]` of `logits` (any number of rows of `vocab_size`, row-major) for
+    /// `keys[r]`, with mask row `r` if given: some rows of a decode step's logits, read where
+    /// llama.cpp left them instead of copied out first. All or nothing, as `sample`.
+    pub fn sample_rows(
+        &mut self,
+        logits: &[f32],
+        rows: &[usize],
+        keys: &[i64],
+        masks: Option<&[u32]>,
+    ) -> Result<BatchOutput, SamplerError> {
+        self.check_batch(logits, rows, keys, masks)?;
         let (vocab, words) = (self.vocab_size, mask_words(self.vocab_size));
         let mut chosen: Vec<(Pending, Vec<(u32, f64)>)> = Vec::with_capacity(keys.len());
-        for (row, &key) in keys.iter().enumerate() {
-            let row_logits = &logits[row * vocab..(row + 1) * vocab];
+        for (row, (&key, &source_row)) in keys.iter().zip(rows).enumerate() {
+            let row_logits = &logits[source_row * vocab..(source_row + 1) * vocab];
             let mask = masks.map(|m| &m[row * words..(row + 1) * words]);
             let pending = self.sequences[&key]
                 .choose(row_logits, mask, &mut self.scratch)
@@ -121,25 +142,41 @@ impl BatchSampler {
         Ok(out)
     }
 
-    /// Refuses arrays whose sizes do not fit the keys, and unknown or repeated keys.
+    /// Refuses arrays whose sizes do not fit the keys, rows outside the logits, and unknown or
+    /// repeated keys.
     fn check_batch(
         &self,
         logits: &[f32],
+        rows: &[usize],
         keys: &[i64],
         masks: Option<&[u32]>,
     ) -> Result<(), SamplerError> {
-        let (rows, vocab, words) = (keys.len(), self.vocab_size, mask_words(self.vocab_size));
-        if logits.len() != rows * vocab {
+        let (vocab, words) = (self.vocab_size, mask_words(self.vocab_size));
+        if !logits.len().is_multiple_of(vocab) {
             return Err(SamplerError::BatchShape(format!(
-                "logits hold {} values, expected {rows} rows of {vocab}",
+                "logits hold {} values, not whole rows of {vocab}",
                 logits.len()
             )));
         }
+        let available = logits.len() / vocab;
+        if rows.len() != keys.len() {
+            return Err(SamplerError::BatchShape(format!(
+                "{} logits rows named for {} keys; expected one per key",
+                rows.len(),
+                keys.len()
+            )));
+        }
+        if let Some(&row) = rows.iter().find(|&&row| row >= available) {
+            return Err(SamplerError::BatchShape(format!(
+                "logits row {row} named, but the logits hold {available} rows"
+            )));
+        }
         if let Some(masks) = masks {
-            if masks.len() != rows * words {
+            if masks.len() != keys.len() * words {
                 return Err(SamplerError::BatchShape(format!(
-                    "masks hold {} words, expected {rows} rows of {words}",
-                    masks.len()
+                    "masks hold {} words, expected {} rows of {words}",
+                    masks.len(),
+                    keys.len()
                 )));
             }
         }

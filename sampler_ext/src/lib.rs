@@ -145,37 +145,49 @@ impl PyBatchSampler {
         Ok(self.inner.generated(extract_int(key, "key")?)?)
     }
 
-    #[pyo3(signature = (logits, keys, masks = None))]
+    /// Row `r` of the draw: `keys[r]` samples logits row `rows[r]` (default `r`: the logits hold
+    /// one row per key), with mask row `r` if given.
+    #[pyo3(signature = (logits, keys, masks = None, rows = None))]
     fn sample<'py>(
         &mut self,
         py: Python<'py>,
         logits: PyReadonlyArray2<'py, f32>,
         keys: &Bound<'py, PyAny>,
         masks: Option<PyReadonlyArray2<'py, u32>>,
+        rows: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<PySampled> {
         let keys: Vec<i64> = match keys.extract::<PyReadonlyArray1<'py, i64>>() {
             Ok(array) => array.as_array().to_vec(),
             Err(_) => keys.extract()?,
         };
-        let [rows, columns] = logits.shape() else {
+        let [available, columns] = logits.shape() else {
             unreachable!("a 2-D array has two dimensions")
         };
-        let (rows, columns) = (*rows, *columns);
-        if rows != keys.len() || columns != self.inner.vocab_size() {
+        let (available, columns) = (*available, *columns);
+        if columns != self.inner.vocab_size() || (rows.is_none() && available != keys.len()) {
             return Err(SamplerError::BatchShape(format!(
-                "logits have shape ({rows}, {columns}); expected ({}, {}): one row of vocab_size per key",
+                "logits have shape ({available}, {columns}); expected ({}, {}): one row of vocab_size per key{}",
                 keys.len(),
-                self.inner.vocab_size()
+                self.inner.vocab_size(),
+                if rows.is_none() { "" } else { " (or any number of rows, with `rows` naming one per key)" }
             ))
             .into());
         }
+        // The core checks named rows against the keys and the logits.
+        let rows: Vec<usize> = match rows {
+            None => (0..keys.len()).collect(),
+            Some(rows) => match rows.extract::<PyReadonlyArray1<'py, i64>>() {
+                Ok(array) => row_indices(array.as_array().iter().copied())?,
+                Err(_) => row_indices(rows.extract::<Vec<i64>>()?)?,
+            },
+        };
         let logits = logits.as_slice().map_err(|_| SamplerError::NotContiguous)?;
         let masks = match &masks {
             Some(m) => Some(m.as_slice().map_err(|_| SamplerError::NotContiguous)?),
             None => None,
         };
         let inner = &mut self.inner;
-        let out = py.detach(|| inner.sample(logits, &keys, masks))?;
+        let out = py.detach(|| inner.sample_rows(logits, &rows, &keys, masks))?;
         PySampled::new(py, out)
     }
 
@@ -199,6 +211,18 @@ impl PyBatchSampler {
             self.inner.len()
         )
     }
+}
+
+/// Logits row numbers; a negative one is a `ValueError`.
+fn row_indices(rows: impl IntoIterator<Item = i64>) -> PyResult<Vec<usize>> {
+    rows.into_iter()
+        .map(|row| {
+            usize::try_from(row).map_err(|_| {
+                SamplerError::BatchShape(format!("logits row {row} named; rows are counted from 0"))
+                    .into()
+            })
+        })
+        .collect()
 }
 
 fn extract_bias(logit_bias: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(i64, f64)>> {

@@ -57,16 +57,21 @@ class RowSampler:
     def remove(self, sequence: Sequence) -> None:
         self._sampler.remove(sequence.seq_id)
 
-    def sample(self, rows: list[Sequence], logits: np.ndarray) -> list[SequenceUpdate | GenerationFailed]:
-        """Each row's outcome: the update its new token makes, or why the row failed. One bad row
-        does not fail the others: when the batch draw is refused, the rows are drawn one by one."""
+    def sample(
+        self, rows: list[Sequence], logits: np.ndarray, logits_rows: np.ndarray | None = None
+    ) -> list[SequenceUpdate | GenerationFailed]:
+        """Each row's outcome: the update its new token makes, or why the row failed. Row r reads
+        logits row `logits_rows[r]` (default r). One bad row does not fail the others: when the
+        batch draw is refused, the rows are drawn one by one."""
+        if logits_rows is None:
+            logits_rows = np.arange(len(rows), dtype=np.int64)
         try:
-            drawn = self.draw(rows, logits)
+            drawn = self.draw(rows, logits, logits_rows)
         except ValueError:
             outcomes: list[SequenceUpdate | GenerationFailed] = []
             for row, sequence in enumerate(rows):
                 try:
-                    outcomes.append(self.take(sequence, self.draw([sequence], logits[row : row + 1]), 0))
+                    outcomes.append(self.take(sequence, self.draw([sequence], logits, logits_rows[row : row + 1]), 0))
                 except ValueError as error:
                     outcomes.append(GenerationFailed(f"sampling failed: {error}"))
                 except GenerationFailed as error:
@@ -80,9 +85,10 @@ class RowSampler:
                 outcomes.append(error)
         return outcomes
 
-    def draw(self, rows: list[Sequence], logits: np.ndarray) -> sampler_ext.Sampled:
-        """A token for each row (ValueError when the sampler refuses a row); the sequences' samplers
-        move on, the sequences themselves not yet (`take`)."""
+    def draw(self, rows: list[Sequence], logits: np.ndarray, logits_rows: np.ndarray) -> sampler_ext.Sampled:
+        """A token for each row, from logits row `logits_rows[r]` (ValueError when the sampler
+        refuses a row); the sequences' samplers move on, the sequences themselves not yet (`take`).
+        The rows are read where llama.cpp left them, not copied out: each holds the whole vocabulary."""
         keys = np.fromiter((s.seq_id for s in rows), dtype=np.int64, count=len(rows))
         masks = None
         if any(s.constraint is not None for s in rows):
@@ -94,7 +100,7 @@ class RowSampler:
                     sequence.constraint.fill_mask(masks[row])
             self._timings.mask_seconds += time.perf_counter() - started
         started = time.perf_counter()
-        drawn = self._sampler.sample(logits, keys, masks)
+        drawn = self._sampler.sample(logits, keys, masks, logits_rows)
         self._timings.sample_seconds += time.perf_counter() - started
         self._timings.sampled_rows += len(rows)
         return drawn

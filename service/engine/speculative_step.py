@@ -117,9 +117,9 @@ class SpeculativeStep:
         depth = 0
         while drawing:
             rows = [decoding[i] for i in drawing]
-            indices = [first_rows[i] + depth for i in drawing]
+            indices = np.fromiter((first_rows[i] + depth for i in drawing), dtype=np.int64, count=len(drawing))
             following = []
-            for i, outcome in zip(drawing, self._sampler.sample(rows, logits[np.asarray(indices)]), strict=True):
+            for i, outcome in zip(drawing, self._sampler.sample(rows, logits, indices), strict=True):
                 if isinstance(outcome, GenerationFailed):
                     failed[i] = outcome
                     continue

@@ -159,6 +159,41 @@ def test_shapes_that_do_not_fit(shape_error: dict) -> None:
         batch.sample(np.zeros((2, 20), dtype=np.float32)[:, ::2], [1, 1])
 
 
+def test_named_rows_are_sampled_in_place_as_if_copied_out() -> None:
+    """`rows` picks each key's row out of a larger logits array (a decode step's, with rows of other
+    sequences and guesses between): the same draws, bit for bit, as those rows copied out."""
+    rng = np.random.default_rng(3)
+    in_place, copied = BatchSampler(1000), BatchSampler(1000)
+    for batch in (in_place, copied):
+        for key, params in enumerate(PARAMS):
+            batch.add(key, seed=key, logprobs=True, **params)
+    keys = np.arange(len(PARAMS), dtype=np.int64)
+    for _ in range(10):
+        logits = random_logits(rng, (3 * len(keys), 1000))
+        rows = rng.permutation(len(logits))[: len(keys)].astype(np.int64)
+        a = in_place.sample(logits, keys, None, rows)
+        b = copied.sample(logits[rows], keys)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.logprobs.view(np.uint32), b.logprobs.view(np.uint32))
+        np.testing.assert_array_equal(a.top_ids, b.top_ids)
+    allowed = rng.random((1, 1000)) < 0.1
+    logits = random_logits(rng, (4, 1000))
+    masked = in_place.sample(logits, [2], mask_from(allowed), [3])
+    assert allowed[0, masked.tokens[0]]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [([4], "logits row 4 named, but the logits hold 4 rows"), ([-1], "counted from 0"), ([0, 1], "2 logits rows")],
+)
+def test_named_rows_outside_the_logits_are_refused(rows: list[int], message: str) -> None:
+    batch = BatchSampler(10)
+    batch.add(1, seed=0)
+    with pytest.raises(ValueError, match=message):
+        batch.sample(np.zeros((4, 10), dtype=np.float32), [1], None, rows)
+    assert batch.generated(1) == 0
+
+
 # --- masks ----------------------------------------------------------------------------------
 
 
