@@ -136,13 +136,12 @@ class Scheduler:
         self.idle_prefill = IdlePrefill(
             model, self._decoder.batch, self.prefix_cache, self.timings, enabled=idle_prefill
         )
-        # Where rows are not independent, checking guesses would change the logits of the rows that
-        # check them (speculation.py); a memory that cannot drop a tail (recurrent models) cannot
-        # take rejected guesses back.
-        self._speculation = None
-        if speculative_tokens > 0 and model.reuse_keeps_output and not model.is_recurrent:
-            lookup = PromptLookup(speculative_tokens, *speculative_ngram)
-            self._speculation = SpeculativeStep(model, lookup, self._decoder, self._sampler, self.timings)
+        # Every decode step runs through it, guessed or not. Where rows are not independent,
+        # checking guesses would change the logits of the rows that check them (speculation.py); a
+        # memory that cannot drop a tail (recurrent models) cannot take rejected guesses back.
+        lookup = PromptLookup(speculative_tokens, *speculative_ngram)
+        self._decode_step = SpeculativeStep(model, lookup, self._decoder, self._sampler, self.timings)
+        self.speculating = speculative_tokens > 0 and model.reuse_keeps_output and not model.is_recurrent
         self._workers = WorkerPool()
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model.model_id}", daemon=True)
         self._thread.start()
@@ -325,8 +324,7 @@ class Scheduler:
             followed = self.idle_prefill.leftover(len(done), tokens)
         self.slots.release(sequence.seq_id, done, followed)
         self._sampler.remove(sequence)
-        if self._speculation is not None:
-            self._speculation.forget(sequence)
+        self._decode_step.forget(sequence)
         sequence.finished = True
 
     def _fail(self, sequence: Sequence, error: ServiceError) -> None:
@@ -376,24 +374,13 @@ class Scheduler:
         # weights each: rows out of order (admission order) would split a step of 8 rows into up to
         # 8 passes. The slots are handed out so that the active ids stay in few runs.
         decoding.sort(key=attrgetter("seq_id"))
-        speculation = self._speculation if self._speculation is not None and self._speculation.available else None
+        step = self._decode_step
+        guessing = self.speculating and step.available
         started = time.perf_counter()
-        drafts = speculation.drafts(decoding) if speculation is not None else None
-        if drafts is not None:
-            outcomes = speculation.run(decoding, drafts)
-            rows = [1 + len(draft) for draft in drafts]
-        else:
-            batch = self._decoder.batch
-            batch.clear()
-            for sequence in decoding:
-                batch.add(sequence.seq_id, (sequence.last_token,), sequence.n_past, output_last=True)
-            self._decoder.run()
-            for sequence in decoding:
-                sequence.n_past += 1
-            outcomes = self._sampler.sample(decoding, self._decoder.logits(len(decoding)))
-            rows = [1] * len(decoding)
-        if speculation is not None:
-            speculation.timed([s.seq_id for s in decoding], rows, time.perf_counter() - started)
+        drafts = (step.drafts(decoding) if guessing else None) or [[] for _ in decoding]
+        outcomes = step.run(decoding, drafts)
+        if guessing:
+            step.timed([s.seq_id for s in decoding], [1 + len(d) for d in drafts], time.perf_counter() - started)
         for sequence, outcome in zip(decoding, outcomes, strict=True):
             self._deliver(sequence, outcome)
 

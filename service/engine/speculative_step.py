@@ -1,13 +1,13 @@
-"""The decode step that also checks guesses of the decoding sequences' next tokens (speculation.py).
+"""The decode step, which also checks guesses of the decoding sequences' next tokens (speculation.py).
 
-The step decodes each sequence's last token followed by its guesses, every guessed row with
-logits, and samples each sequence's rows in order exactly as plain steps sample them, one token
-per row, stopping after the first token that is not the guess the next row was computed from. The
-rows are drawn in rounds: the first row of every sequence in one call to the sampler, then the
-second row of those whose first guess held, and so on. Each emitted token is so drawn from the same
+Every decode step runs here, with guesses or without. It decodes each sequence's last token
+followed by its guesses, every guessed row with logits, and samples each sequence's rows in order
+exactly as plain steps sample them, one token per row, stopping after the first token that is not
+the guess the next row was computed from. The rows are drawn in rounds, each read in place from
+llama.cpp's logits: the first row of every sequence in one call to the sampler, then the second row
+of those whose first guess held, and so on. Each emitted token is so drawn from the same
 distribution, with the same random draw, as without speculation; the guesses that held are tokens
-for free, and the KV of the others is removed.
-"""
+for free, and the KV of the others is removed."""
 
 from __future__ import annotations
 
@@ -100,14 +100,16 @@ class SpeculativeStep:
         self._probe_credit = min(self._probe_credit + PROBE_SHARE * seconds, seconds)
 
     def run(self, decoding: list[Sequence], drafts: list[list[int]]) -> list[SequenceUpdate | GenerationFailed]:
-        """Every sequence's last token and guesses in one step; each sequence's outcome."""
+        """Every sequence's last token and guesses (none: a plain step) in one step; each
+        sequence's outcome."""
         batch = self._decoder.batch
         batch.clear()
         for sequence, draft in zip(decoding, drafts, strict=True):
             tokens = [sequence.last_token, *draft]
             batch.add(sequence.seq_id, tokens, sequence.n_past, output_last=True, output_all=True)
         self._decoder.run()
-        self._timings.speculative_steps += 1
+        if any(drafts):
+            self._timings.speculative_steps += 1
         # Output rows come in batch order: each sequence's last token, then its guesses.
         first_rows = [0, *accumulate(1 + len(d) for d in drafts)]
         logits = self._decoder.logits(first_rows[-1])

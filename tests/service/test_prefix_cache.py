@@ -294,7 +294,7 @@ def test_without_flash_attention_the_cache_reuses_whole_chunks_only(engine_pair)
     cached, plain = engine_pair(idle_prefill=True, chunk=64, flash_attention=False)
     assert not cached.model.rows_independent
     assert cached.cache.min_rows is None and not cached.scheduler.idle_prefill.enabled
-    assert cached.scheduler._speculation is None
+    assert not cached.scheduler.speculating
     messages = [{"role": "user", "content": question(TOPICS[1], 0)}]
     for turn in range(2):
         prompt = cached.prompt(messages)

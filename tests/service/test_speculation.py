@@ -308,7 +308,7 @@ def test_json_schema_with_guessing(engines):
 
 def test_guesses_of_several_sequences_checked_in_one_step(engines):
     guessing, plain = engines
-    speculation = guessing.scheduler._speculation
+    speculation = guessing.scheduler._decode_step
     fitted = speculation.cost
     speculation.cost = FixedCost(per_ubatch=0.030, per_row=0.001)  # every guess worth checking
     timings = guessing.scheduler.timings
