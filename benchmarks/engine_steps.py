@@ -13,7 +13,8 @@ import asyncio
 import statistics
 import time
 
-from service.models import DEFAULT_MODEL_ID, EngineSettings, ModelRegistry, ModelSpec
+from service.engine_settings import EngineSettings
+from service.models import DEFAULT_MODEL_ID, ModelRegistry, ModelSpec
 from service.request import Generation, SamplingParams
 
 FULL = SamplingParams(

@@ -149,8 +149,9 @@ def micro(count: int) -> dict:
     from adapters.rest.metrics import MetricsMiddleware
     from service.access_log import CallRecord
     from service.engine.timings import StepTimings
+    from service.engine_settings import EngineSettings
     from service.metrics import ServiceMetrics
-    from service.models import DEFAULT_MODEL_ID, EngineSettings, ModelRegistry, ModelSpec
+    from service.models import DEFAULT_MODEL_ID, ModelRegistry, ModelSpec
 
     logging.basicConfig(level=logging.INFO, handlers=[logging.NullHandler()])
 

@@ -34,6 +34,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_flag: str) -> None:
+    from service.engine_settings import EngineSettings
+
+    engine = EngineSettings()
     group = parser.add_argument_group("gRPC service")
     group.add_argument(
         host_flag,
@@ -70,32 +73,38 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     group.add_argument(
         "--ctx-size",
         type=_positive,
-        default=4096,
+        default=engine.context_per_sequence,
         help="context length of each sequence in tokens (default: %(default)s)",
     )
     group.add_argument(
-        "--parallel", type=_positive, default=8, help="sequences generated at once per model (default: %(default)s)"
+        "--parallel",
+        type=_positive,
+        default=engine.max_sequences,
+        help="sequences generated at once per model (default: %(default)s)",
     )
     group.add_argument(
-        "--batch-size", type=_positive, default=512, help="most tokens in one decode step (default: %(default)s)"
+        "--batch-size",
+        type=_positive,
+        default=engine.batch_size,
+        help="most tokens in one decode step (default: %(default)s)",
     )
     group.add_argument(
         "--prefill-chunk",
         type=_positive,
-        default=256,
+        default=engine.prefill_chunk,
         help="prompt tokens per prefill chunk; one chunk per step while other sequences decode (default: %(default)s)",
     )
     group.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=engine.prefix_cache,
         help="keep the KV cache of finished requests' prompts in their free slots, so that a request sharing a prefix "
         "(the next turn of a chat) prefills only the rest; output is the same either way (default: on)",
     )
     group.add_argument(
         "--idle-prefill",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=engine.idle_prefill,
         help="while no request runs, prefill again what finished requests generated, so that the next turn of a chat "
         "reuses its last answer's KV too; a request that arrives stops it within a graph node (default: on; needs "
         "--prefix-cache, and is off with --no-flash-attn unless --fast-nondeterministic)",
@@ -113,7 +122,7 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "--flash-attn",
         dest="flash_attention",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=engine.flash_attention,
         help="llama.cpp's flash attention kernel (default: on). Off, a row's logits depend on its sequence's other "
         "rows in a step, so speculation and idle prefill are off too and the prefix cache reuses whole chunks "
         "only (docs/engine.md, 'Flash attention')",
@@ -121,7 +130,7 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     group.add_argument(
         "--speculative-tokens",
         type=_non_negative,
-        default=10,
+        default=engine.speculative_tokens,
         metavar="K",
         help="guess up to K next tokens of each decoding sequence by prompt lookup (the tokens that followed the "
         "latest earlier occurrence of its last few tokens) and check them in its next step, where the guesses' "
@@ -132,26 +141,27 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     group.add_argument(
         "--speculative-ngram",
         type=_ngram_range,
-        default=(2, 4),
+        default=engine.speculative_ngram,
         metavar="MIN,MAX",
-        help="lengths of the history's ending that prompt lookup searches for, longest first (default: 2,4)",
+        help="lengths of the history's ending that prompt lookup searches for, longest first "
+        f"(default: {engine.speculative_ngram[0]},{engine.speculative_ngram[1]})",
     )
     group.add_argument(
         "--max-n",
         type=_positive,
-        default=8,
+        default=engine.max_n,
         help="the largest 'n' (choices per request) accepted, and never more than --parallel (default: %(default)s)",
     )
     group.add_argument(
         "--max-waiting",
         type=_positive,
-        default=256,
+        default=engine.max_waiting,
         help="requests queued before RESOURCE_EXHAUSTED (default: %(default)s)",
     )
     group.add_argument(
         "--max-inflight-per-key",
         type=_non_negative,
-        default=0,
+        default=engine.max_inflight_per_key,
         metavar="N",
         help="requests one API key may have waiting or running at once, per model, before RESOURCE_EXHAUSTED. Keys "
         "take turns at admission either way; set below --max-waiting, this also keeps one key's flood from filling "
@@ -180,7 +190,7 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
     group.add_argument(
         "--threads",
         type=_positive,
-        default=None,
+        default=engine.threads,
         help="CPU threads for llama.cpp (default: every CPU this process may run on)",
     )
     group.add_argument(
@@ -553,7 +563,8 @@ def _run_grpc(args: argparse.Namespace, on_ready=None) -> None:
     from service.auth import keys_from_environment
     from service.bind_policy import check_bind_is_safe
     from service.cpu_priority import lower_all_threads_but
-    from service.models import DEFAULT_MODEL_ID, EngineSettings, ModelRegistry, ModelSpec
+    from service.engine_settings import EngineSettings
+    from service.models import DEFAULT_MODEL_ID, ModelRegistry, ModelSpec
     from service.server import GrpcServerConfig, serve
 
     keys = keys_from_environment(args.api_key_file)

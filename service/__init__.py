@@ -8,5 +8,6 @@
 - ``detokenizer.py``, ``stop_strings.py``: tokens into text, and where a stop string ends it.
 - ``choice_output.py``, ``responses.py``: a choice's text as content or tool calls, and the
   response messages.
-- ``models.py``: the models served and their engines; ``engine/``: generation.
+- ``models.py``: the models served and their engines; ``engine_settings.py``: how each engine is
+  sized (the engine flags' defaults); ``engine/``: generation.
 """

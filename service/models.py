@@ -14,6 +14,7 @@ from service.engine.choices import choice_limit
 from service.engine.json_constraints import ConstraintCompiler
 from service.engine.model import LoadedModel
 from service.engine.scheduler import Scheduler
+from service.engine_settings import EngineSettings
 from service.errors import ModelNotFound
 from service.request import Capabilities
 
@@ -82,27 +83,6 @@ class ServedModel:
     constraints: ConstraintCompiler
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "chatrpc"
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How each model's engine is sized."""
-
-    context_per_sequence: int = 4096
-    max_sequences: int = 8
-    batch_size: int = 512
-    prefill_chunk: int = 256
-    max_waiting: int = 256
-    max_inflight_per_key: int = 0  # one API key's requests waiting or running at once (0: no limit; admission.py)
-    max_slots_per_key: int = 0  # sequence slots one API key's running requests hold (0: no cap; admission.py)
-    threads: int | None = None
-    max_n: int = 8  # --max-n; `choice_limit` also bounds n by max_sequences
-    prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
-    idle_prefill: bool = True  # idle free slots prefill what their sequences generated (idle_prefill.py)
-    deterministic: bool = True  # kernels that do not switch with a batch's shape: output does not depend on load
-    flash_attention: bool = True  # llama.cpp's fused attention kernel (model.py: what it adds to `deterministic`)
-    speculative_tokens: int = 10  # prompt-lookup guesses a sequence may check per step (0: off)
-    speculative_ngram: tuple[int, int] = (2, 4)  # lengths of the history's ending that prompt lookup matches
 
 
 class ModelRegistry:
