@@ -1,6 +1,6 @@
 """What a decode step costs by its shape: sequences x rows per sequence, on each set of kernels.
 
-    .venv/bin/python benchmarks/step_shapes.py [--repeats 9]
+    .venv/bin/python benchmarks/step_shapes.py [--repeats 9] [--context 160]
 
 Speculation's gain is bounded by what a guess row costs next to a real one (step_cost.py,
 speculation.py), and llama.cpp's server runs the same model on other kernels (repacked weights).
@@ -13,8 +13,9 @@ llama.cpp reads its kernel switches once per process:
   fast + repacked   also with llama.cpp's extra buffer types (repacked Q4_K weights), as
                     llama-server loads the model by default (off on CPUs with AMX, which crash)
 
-Each of 16 sequences first holds the same 40-token prompt; a shape's rows go after it and are
-removed again. Medians over `--repeats` rounds, the shapes interleaved within a round.
+Each of 16 sequences first holds the same 40-token prompt (or `--context` positions: the prompt and
+its tokens again, as a long answer would hold); a shape's rows go after it and are removed again.
+Medians over `--repeats` rounds, the shapes interleaved within a round.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ SHAPES = {  # name: rows per sequence (sequence ids 0, 1, ...)
 KERNELS = ("chatrpc", "fast", "fast + repacked")
 
 
-def measure(kernels: str, repeats: int) -> dict[str, float]:
-    """In this process: the median seconds of each shape's step with these kernels."""
+def measure(kernels: str, repeats: int, context: int) -> dict[str, float]:
+    """In this process: the median seconds of each shape's step with these kernels, after `context`
+    positions of each sequence (at least its prompt)."""
     import llama_cpp
 
     from service.engine.batch import Decoder
@@ -68,20 +70,24 @@ def measure(kernels: str, repeats: int) -> dict[str, float]:
     )
     decoder = Decoder(model, StepTimings())
     prompt = model.render_prompt([{"role": "user", "content": "Explain how a lighthouse works, with its history."}])
+    # Longer contexts repeat the prompt's tokens: what a step costs depends on how many positions
+    # its rows attend to, not on which tokens those are.
+    held = prompt + (prompt[1:] * (context // len(prompt) + 1))[: max(context - len(prompt), 0)]
     for seq_id in range(16):
         decoder.batch.clear()
-        decoder.batch.add(seq_id, prompt, 0, output_last=True)
+        decoder.batch.add(seq_id, held, 0, output_last=True)
         decoder.run()
+    start = len(held)
 
     def step(rows: list[int]) -> float:
         decoder.batch.clear()
         for seq_id, count in enumerate(rows):
-            decoder.batch.add(seq_id, [236761] * count, len(prompt), output_last=True, output_all=True)
+            decoder.batch.add(seq_id, [236761] * count, start, output_last=True, output_all=True)
         started = time.perf_counter()
         decoder.run()
         elapsed = time.perf_counter() - started
         for seq_id in range(len(rows)):
-            llama_cpp.llama_memory_seq_rm(model.memory, seq_id, len(prompt), -1)
+            llama_cpp.llama_memory_seq_rm(model.memory, seq_id, start, -1)
         return elapsed
 
     for rows in SHAPES.values():  # warm-up
@@ -96,17 +102,32 @@ def measure(kernels: str, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="positions each sequence holds before a step's rows (default: its 40-token prompt alone)",
+    )
     parser.add_argument("--kernels", choices=KERNELS, help=argparse.SUPPRESS)  # one child's share
     args = parser.parse_args()
     if args.kernels:
-        print(json.dumps(measure(args.kernels, args.repeats)))
+        print(json.dumps(measure(args.kernels, args.repeats, args.context)))
         return
     # On a CPU with AMX, llama.cpp's AMX buffer type crashes (llama_cpp_amx.py): no repacked run there.
     kernels_here = [k for k in KERNELS if not (k == "fast + repacked" and cpu_has_amx())]
     results = {}
     for kernels in kernels_here:
         child = subprocess.run(
-            [sys.executable, __file__, "--kernels", kernels, "--repeats", str(args.repeats)],
+            [
+                sys.executable,
+                __file__,
+                "--kernels",
+                kernels,
+                "--repeats",
+                str(args.repeats),
+                "--context",
+                str(args.context),
+            ],
             check=True,
             capture_output=True,
             text=True,
