@@ -1,7 +1,8 @@
 """How each model's engine is sized: the defaults of `chatrpc`'s engine flags, defined once.
 
-A module of its own, with nothing heavy imported, because the command line reads these defaults
-before llama.cpp may be loaded (chatrpc/cli.py; service/engine/openmp.py says why the order matters).
+The command line's flags, LoadedModel's and Scheduler's keyword arguments all default to these. A
+module of its own, with nothing heavy imported, because the command line reads them before
+llama.cpp may be loaded (chatrpc/cli.py; service/engine/openmp.py says why the order matters).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import llama_cpp
 
 from service.chat_template import ChatTemplate
 from service.engine.openmp import usable_cpus
+from service.engine_settings import EngineSettings
 from service.tool_calls import ToolSpec, messages_for_builtin_format
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ def _pin_kernels(deterministic: bool) -> None:
             )
 
 
+_DEFAULTS = EngineSettings()  # the engine flags' defaults, defined once
+
+
 class LoadedModel:
     """Weights, vocabulary and context of one served model."""
 
@@ -111,12 +115,12 @@ class LoadedModel:
         model_id: str,
         path: Path,
         *,
-        context_per_sequence: int = 4096,
-        max_sequences: int = 8,
-        batch_size: int = 512,
-        threads: int | None = None,
-        deterministic: bool = True,
-        flash_attention: bool = True,
+        context_per_sequence: int = _DEFAULTS.context_per_sequence,
+        max_sequences: int = _DEFAULTS.max_sequences,
+        batch_size: int = _DEFAULTS.batch_size,
+        threads: int | None = _DEFAULTS.threads,
+        deterministic: bool = _DEFAULTS.deterministic,
+        flash_attention: bool = _DEFAULTS.flash_attention,
     ) -> None:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")

@@ -48,6 +48,7 @@ from service.engine.slots import Slots
 from service.engine.speculation import PromptLookup
 from service.engine.speculative_step import SpeculativeStep
 from service.engine.timings import StepTimings
+from service.engine_settings import EngineSettings
 from service.errors import GenerationFailed, QueueFull, ServiceError, ShuttingDown
 from service.request import Generation
 
@@ -94,6 +95,9 @@ class RequestStream:
         self._scheduler.cancel(self._ticket)
 
 
+_DEFAULTS = EngineSettings()  # the engine flags' defaults, defined once
+
+
 class Scheduler:
     """Runs generation for one model; `submit` from the asyncio loop, everything else on its thread."""
 
@@ -102,14 +106,14 @@ class Scheduler:
         model: LoadedModel,
         constraints: ConstraintCompiler,
         *,
-        max_waiting: int = 256,
-        max_inflight_per_key: int = 0,
-        max_slots_per_key: int = 0,
-        prefill_chunk: int = 256,
-        prefix_cache: bool = True,
-        idle_prefill: bool = True,
-        speculative_tokens: int = 10,
-        speculative_ngram: tuple[int, int] = (2, 4),
+        max_waiting: int = _DEFAULTS.max_waiting,
+        max_inflight_per_key: int = _DEFAULTS.max_inflight_per_key,
+        max_slots_per_key: int = _DEFAULTS.max_slots_per_key,
+        prefill_chunk: int = _DEFAULTS.prefill_chunk,
+        prefix_cache: bool = _DEFAULTS.prefix_cache,
+        idle_prefill: bool = _DEFAULTS.idle_prefill,
+        speculative_tokens: int = _DEFAULTS.speculative_tokens,
+        speculative_ngram: tuple[int, int] = _DEFAULTS.speculative_ngram,
     ) -> None:
         self._model = model
         self._prefill_chunk = min(prefill_chunk, model.batch_size)

@@ -7,7 +7,8 @@ the guess the next row was computed from. The rows are drawn in rounds, each rea
 llama.cpp's logits: the first row of every sequence in one call to the sampler, then the second row
 of those whose first guess held, and so on. Each emitted token is so drawn from the same
 distribution, with the same random draw, as without speculation; the guesses that held are tokens
-for free, and the KV of the others is removed."""
+for free, and the KV of the others is removed.
+"""
 
 from __future__ import annotations
 
