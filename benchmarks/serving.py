@@ -24,8 +24,9 @@ else as content chunks. Also measured:
   multi-turn         a chat of `--turns` (6) turns, each request resending the whole history (the
                      previous answers and a new question); the TTFT of each turn. Once per pause of
                      `--pauses` (0,2): the seconds between an answer and the next question, 0 for
-                     back to back, 2 for a user who reads and types (chatrpc prefills the answer
-                     again meanwhile: docs/engine.md, "Idle prefill")
+                     back to back, 2 for a user who reads and types (time in which a server may
+                     prefill the answer again, as chatrpc does with --fast-nondeterministic:
+                     docs/engine.md, "Idle prefill")
   REST overhead      (--compare, --rest-overhead) latency of one-token streaming requests through
                      REST and through gRPC, interleaved: the p50s, their difference, and the median
                      of per-round differences; REST is timed with a bare HTTP/1.1 client on
@@ -587,9 +588,9 @@ class ForeignLoad:
 
     async def wait_quiet(self, threshold: float, timeout: float) -> float:
         """Wait until every process but this one, the servers too, used under `threshold` of the
-        CPUs over one second; the last share seen. A server still busy after its last level
-        (chatrpc's idle prefill of what 16 streams generated takes seconds) would slow the next
-        target, which may be another server."""
+        CPUs over one second; the last share seen. A server still busy after its last level (with
+        --fast-nondeterministic chatrpc's idle prefill of what 16 streams generated takes seconds)
+        would slow the next target, which may be another server."""
         deadline = time.monotonic() + timeout
         only_me = [os.getpid()]
         while True:

@@ -98,16 +98,17 @@ def _add_grpc_flags(parser: argparse.ArgumentParser, *, host_flag: str, port_fla
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
         default=engine.prefix_cache,
-        help="keep the KV cache of finished requests' prompts in their free slots, so that a request sharing a prefix "
-        "(the next turn of a chat) prefills only the rest; output is the same either way (default: on)",
+        help="keep the KV cache of finished requests' prompts and answers in their free slots, so that a request "
+        "sharing a prefix (the next turn of a chat) prefills only the rest; output is the same either way "
+        "(default: on)",
     )
     group.add_argument(
         "--idle-prefill",
         action=argparse.BooleanOptionalAction,
         default=engine.idle_prefill,
-        help="while no request runs, prefill again what finished requests generated, so that the next turn of a chat "
-        "reuses its last answer's KV too; a request that arrives stops it within a graph node (default: on; needs "
-        "--prefix-cache, and is off with --no-flash-attn unless --fast-nondeterministic)",
+        help="with --fast-nondeterministic: while no request runs, prefill again what finished requests generated, so "
+        "that the next turn of a chat reuses its last answer's KV too (the default kernels reuse it as decoded); a "
+        "request that arrives stops it within a graph node (default: on; needs --prefix-cache and flash attention)",
     )
     group.add_argument(
         "--fast-nondeterministic",

@@ -23,8 +23,8 @@ class EngineSettings:
     max_slots_per_key: int = 0  # sequence slots one API key's running requests hold (0: no cap; admission.py)
     threads: int | None = None
     max_n: int = 8  # --max-n; `choice_limit` also bounds n by max_sequences
-    prefix_cache: bool = True  # free slots keep their prompt's KV for requests that share its prefix
-    idle_prefill: bool = True  # idle free slots prefill what their sequences generated (idle_prefill.py)
+    prefix_cache: bool = True  # free slots keep their KV for requests that share its prefix
+    idle_prefill: bool = True  # fast kernels: idle free slots prefill what their sequences generated (idle_prefill.py)
     deterministic: bool = True  # kernels that do not switch with a batch's shape: output does not depend on load
     flash_attention: bool = True  # llama.cpp's fused attention kernel (model.py: what it adds to `deterministic`)
     speculative_tokens: int = 10  # prompt-lookup guesses a sequence may check per step (0: off)

@@ -1,11 +1,13 @@
 """Idle prefill: while no request runs, prefill again what finished sequences generated, so that a
 chat's next turn reuses the KV of its last answer as well as of its history.
 
-What a sequence generated was decoded one row at a time, so its KV is not what a prefill computes
-and a free slot does not offer it as it is (prefix_cache.py, "Exactness"). A free slot keeps those
-tokens instead (`Retained.followed`), and when nothing is waiting or running the scheduler thread
-prefills them in the free slot, piece by piece (each >= 64 rows and at most a prefill chunk, the
-most recently freed slot first), after which the slot offers them like prompt tokens.
+Only with `--fast-nondeterministic`: there what a sequence generated was decoded one row at a time,
+so its KV is not what a prefill computes and a free slot does not offer it as it is (prefix_cache.py,
+"Exactness"). A free slot keeps those tokens instead (`Retained.followed`), and when nothing is
+waiting or running the scheduler thread prefills them in the free slot, piece by piece (each >= 64
+rows and at most a prefill chunk, the most recently freed slot first), after which the slot offers
+them like prompt tokens. With the default kernels the slot offers the answer's KV as it was
+decoded, and idle prefill has nothing to do.
 
 A request that arrives meanwhile must not wait for a piece: `interrupt` raises a flag that
 llama.cpp's abort callback (`sampler_ext.DecodeInterrupt`, read in Rust without the GIL) checks
@@ -71,8 +73,9 @@ class IdlePrefill:
         self._batch = batch
         self._cache = cache
         self._timings = timings
-        # Pieces need chunks of any boundary (prefix_cache.py): not with flash attention off.
-        self.enabled = enabled and cache.enabled and cache.min_rows is not None
+        # Pieces need chunks of any boundary (prefix_cache.py): not with flash attention off. Where
+        # the answers' KV is offered as it was decoded (the default kernels), nothing is left to do.
+        self.enabled = enabled and cache.enabled and cache.min_rows is not None and not cache.offers_output
         self._min_rows = cache.min_rows or 0
         self.stats = IdlePrefillStats()
         self.running = False  # a piece is in llama_decode (read and written under the scheduler's lock)

@@ -8,34 +8,36 @@ beyond the KV cache llama.cpp has already allocated.
 
 Exactness. Output with the cache must be bit-identical to output without it. Without the cache a
 prompt is prefilled in chunks at fixed boundaries (multiples of `chunk` from position 0), and so
-are the pieces after a reused prefix. With the default kernels a position's KV does not depend on
-the chunk that computed it (model.py, `rows_independent`); with others it does: a prompt's tail
-decoded token by token, or prefilled in a short chunk, gives other logits than the same tail inside
-a long chunk. Two rules (docs/engine.md, "Slots and the prefix cache", says what was measured;
-tests/service/test_prefix_cache.py holds the output bit-identical):
+are the pieces after a reused prefix. Three rules, by the kernels (docs/engine.md, "Slots and the
+prefix cache", says what was measured; tests/service/test_prefix_cache.py holds the output
+bit-identical):
 
-- any boundary (independent rows, or `--fast-nondeterministic` with `chunk` >= 64): a slot offers
-  every prompt position computed in chunks of >= 64 rows, and a request reuses a prefix only if
-  each piece it still prefills has >= 64 rows, or is exactly the cold prefill's short last chunk.
-  With `--fast-nondeterministic` that is what exactness needs (flash attention's tiled path, one
-  query row independent of the others, takes chunks from 64 rows; the unfused attention and the
-  tiled matmul treat rows alone from fewer); with independent rows any piece would do, and 64 rows
-  keeps one rule for both.
+- independent rows (the default kernels; model.py, `rows_independent`): a position's KV does not
+  depend on the step or chunk that computed it, a row decoded one at a time or checked as a guess
+  included. A slot offers everything its sequence has in the KV, prompt and answer, and a request
+  reuses any prefix of it, prefilling at least its last token again.
+- any boundary (`--fast-nondeterministic` with `chunk` >= 64): a slot offers every prompt position
+  computed in chunks of >= 64 rows, and a request reuses a prefix only if each piece it still
+  prefills has >= 64 rows, or is exactly the cold prefill's short last chunk (flash attention's
+  tiled path, one query row independent of the others, takes chunks from 64 rows; the unfused
+  attention and the tiled matmul treat rows alone from fewer). Never the generated tokens as they
+  were decoded: a free slot keeps what its sequence went on with (`Retained.followed`: the rest of
+  the prompt and the answer), which idle_prefill.py prefills again, after which the slot offers it
+  like prompt tokens.
 - whole chunks (flash attention off, or a `chunk` under 64): a slot offers only whole
   `chunk`-sized chunks of its prompt, at the cold boundaries.
 
-Never the generated tokens as they were decoded (one row at a time). Instead, with any boundary, a
-free slot also keeps what its sequence went on with (`Retained.followed`: the rest of the prompt and
-the answer), which idle_prefill.py prefills again, after which the slot offers it like prompt
-tokens. The positions after a reused prefix are removed with llama_memory_seq_rm, which leaves the
-stream as a fresh prefill would.
+Worth a slot. With independent rows or any boundary a prefix shorter than a piece (64 tokens) is
+not reused: it saves little prefill, and a slot chosen for it can leave the running sequence ids
+out of order, which costs a pass over the weights in every decode step (slots.py). The positions
+after a reused prefix are removed with llama_memory_seq_rm, which leaves the stream as a fresh
+prefill would.
 
 Only the scheduler thread calls this.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from collections.abc import Sequence as TokenList
 from dataclasses import dataclass
 
@@ -44,7 +46,7 @@ import numpy as np
 
 # GGML_FA_TILE_Q in llama.cpp's CPU backend: flash attention's tiled path takes chunks of this many
 # rows or more (see "Exactness" above). Other kernels would need fewer, but one rule for all keeps
-# what a slot offers independent of the setting.
+# what a slot offers independent of the setting. Also the shortest prefix worth a slot ("Worth a slot").
 ANY_BOUNDARY_ROWS = 64
 
 
@@ -52,7 +54,7 @@ ANY_BOUNDARY_ROWS = 64
 class Retained:
     """What a free slot keeps for later requests."""
 
-    tokens: np.ndarray  # the leading tokens whose KV the slot can offer (see "Exactness")
+    tokens: np.ndarray  # the leading tokens, prompt and maybe answer, whose KV the slot can offer (see "Exactness")
     last_used: int
     # The tokens the sequence went on with, prompt and output, that `tokens` begins: those after
     # `tokens` are still to be prefilled while idle (None: nothing left worth prefilling).
@@ -73,12 +75,23 @@ class PrefixCacheStats:
 class PrefixCache:
     """The retained prefixes of free slots, and the exactness rules for reusing them."""
 
-    def __init__(self, memory: llama_cpp.llama_memory_t, chunk: int, *, enabled: bool, any_boundary: bool) -> None:
+    def __init__(
+        self,
+        memory: llama_cpp.llama_memory_t,
+        chunk: int,
+        *,
+        enabled: bool,
+        any_boundary: bool,
+        rows_independent: bool = False,
+    ) -> None:
         self._memory = memory
         self.enabled = enabled
         self.chunk = chunk
-        # Rows from which a chunk's KV does not depend on where the chunk starts (None: whole chunks only).
-        self.min_rows = ANY_BOUNDARY_ROWS if any_boundary and chunk >= ANY_BOUNDARY_ROWS else None
+        # A position's KV is the same however it was computed: slots offer their answers too.
+        self.offers_output = rows_independent
+        # Rows from which a chunk's KV does not depend on where the chunk starts (None: whole
+        # chunks only); with independent rows, any, and this is only the shortest prefix worth a slot.
+        self.min_rows = ANY_BOUNDARY_ROWS if rows_independent or (any_boundary and chunk >= ANY_BOUNDARY_ROWS) else None
         self._kept: dict[int, Retained] = {}  # free slot -> what it retains
         self._clock = 0
         self.stats = PrefixCacheStats()
@@ -110,9 +123,11 @@ class PrefixCache:
 
     def reusable_chunk(self, rows: int) -> bool:
         """Whether a prefill chunk of `rows` rows (ending at a cold boundary) leaves KV a later request may reuse."""
+        if self.offers_output:
+            return True
         return rows >= self.min_rows if self.min_rows is not None else rows == self.chunk
 
-    def match(self, prompt: TokenList[int], free: Collection[int]) -> tuple[int, int] | None:
+    def match(self, prompt: TokenList[int]) -> tuple[int, int] | None:
         """The free slot whose retained prefix `prompt` should reuse, and how many tokens, if any."""
         self.stats.lookups += 1
         self.stats.queried_tokens += len(prompt)
@@ -127,27 +142,17 @@ class PrefixCache:
         # A slot whose first positions were dropped (a sliding-window cache that is not full size)
         # does not hold the whole prefix, so it cannot be reused.
         if (
-            best_reused
-            and self._worth_taking(best_slot, best_reused, query, free)
+            best_reused >= (self.min_rows or self.chunk)  # "Worth a slot"
             and llama_cpp.llama_memory_seq_pos_min(self._memory, best_slot) == 0
         ):
             return best_slot, best_reused
         return None
 
-    def _worth_taking(self, slot: int, reused: int, query: np.ndarray, free: Collection[int]) -> bool:
-        """Whether to reuse `reused` tokens of a slot and drop what else it holds: not when that is
-        less than a piece (the few tokens of a chat template that conversations share) and drops
-        more than it reuses while an empty slot is free, which keeps the other conversation for its
-        next turn."""
-        if reused >= (self.min_rows or self.chunk) or all(other in self._kept for other in free):
-            return True
-        kept = self._kept[slot]
-        held = kept.followed if kept.followed is not None else kept.tokens
-        return len(held) - _common_prefix(held, query) <= reused
-
     def _usable(self, common: int, length: int) -> int:
         """How much of a `common`-token prefix a prompt of `length` tokens can reuse exactly."""
         chunk, min_rows = self.chunk, self.min_rows
+        if self.offers_output:
+            return min(common, length - 1)  # at least the last token is prefilled again
         last_start = (length - 1) // chunk * chunk  # the cold prefill's last chunk: [last_start, length)
         if min_rows is None:
             return min(common, last_start) // chunk * chunk
@@ -162,19 +167,20 @@ class PrefixCache:
             reused = first_end - min_rows  # the first piece prefilled gets its 64 rows
         return max(reused, 0)
 
-    def keep(self, slot: int, prompt_done: TokenList[int] | None, followed: np.ndarray | None) -> bool:
-        """A slot is given back: whether its KV stays, to offer `prompt_done` (the leading prompt
-        tokens it holds, all computed by chunks that `reusable_chunk` accepts; None when its KV may
-        not be trusted) and to prefill `followed` while idle. False: the caller clears the slot."""
-        reusable = 0 if prompt_done is None or not self.enabled else len(prompt_done)
-        later = followed if prompt_done is not None else None
+    def keep(self, slot: int, offered: TokenList[int] | None, followed: np.ndarray | None) -> bool:
+        """A slot is given back: whether its KV stays, to offer `offered` (the leading tokens it
+        holds that a later request may reuse, see "Exactness"; None when its KV may not be trusted)
+        and to prefill `followed` while idle. False: the caller clears the slot."""
+        reusable = 0 if offered is None or not self.enabled else len(offered)
+        later = followed if offered is not None else None
         if reusable == 0 and later is None:
             return False
-        tokens = np.asarray(prompt_done[:reusable] if reusable else (), dtype=np.int32)
+        tokens = np.asarray(offered[:reusable] if reusable else (), dtype=np.int32)
         for kept in self._kept.values():
             if reusable and len(kept.tokens) == reusable and np.array_equal(kept.tokens, tokens):
-                # The n choices of one request end with the same prompt: keep one copy, so that
-                # the other slots stay free for other prefixes.
+                # The n choices of one request may end with the same tokens (the prompt, where
+                # answers are not offered): keep one copy, so that the other slots stay free for
+                # other prefixes.
                 kept.last_used = self._tick()
                 if kept.followed is None:
                     kept.followed = later

@@ -133,6 +133,7 @@ class Scheduler:
             self._prefill_chunk,
             enabled=prefix_cache,
             any_boundary=model.reuse_keeps_output,
+            rows_independent=model.rows_independent,
         )
         self.slots = Slots(model.memory, model.max_sequences, self.prefix_cache)
         self._decoder = Decoder(model, self.timings)
@@ -315,18 +316,23 @@ class Scheduler:
                 self._fail(sequence, error)
 
     def _release(self, sequence: Sequence, *, keep_prompt: bool) -> None:
-        """Free the sequence's slot. `keep_prompt`: its prompt chunks' KV may serve a later request
-        (true after a finish or a cancel, both taken between steps, when every llama_decode it
-        was part of has completed; false after a failure, when nothing in its KV is trusted)."""
+        """Free the sequence's slot. `keep_prompt`: its KV may serve a later request (true after a
+        finish or a cancel, both taken between steps, when every llama_decode it was part of has
+        completed; false after a failure, when nothing in its KV is trusted)."""
         self._active.remove(sequence)
         prompt = sequence.generation.prompt_tokens
-        done = prompt[: sequence.reusable] if keep_prompt else None
+        offered = None
+        if keep_prompt:
+            offered = prompt[: sequence.reusable]
+            if self.prefix_cache.offers_output and sequence.reusable == len(prompt):
+                # The answer's KV as decoded: the last token generated is not in it yet.
+                offered = [*prompt, *sequence.output_tokens][: sequence.n_past]
         followed = None
-        if keep_prompt and self.idle_prefill.enabled:
+        if offered is not None and self.idle_prefill.enabled:
             # The last token generated is not in the KV yet: prefilled while idle, it may be (in room).
             tokens = [*prompt, *sequence.output_tokens][: self._model.context_per_sequence]
-            followed = self.idle_prefill.leftover(len(done), tokens)
-        self.slots.release(sequence.seq_id, done, followed)
+            followed = self.idle_prefill.leftover(len(offered), tokens)
+        self.slots.release(sequence.seq_id, offered, followed)
         self._sampler.remove(sequence)
         self._decode_step.forget(sequence)
         sequence.finished = True

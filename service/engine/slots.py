@@ -41,7 +41,7 @@ class Slots:
         one that retains nothing is taken first."""
         if not self._free:
             raise RuntimeError("no free sequence slot")
-        match = self.cache.match(prompt, self._free) if prompt is not None else None
+        match = self.cache.match(prompt) if prompt is not None else None
         slot, reused = match if match is not None else (min(self._free, key=self._eviction_order), 0)
         self._free.remove(slot)
         kept = self.cache.take(slot)
@@ -62,9 +62,9 @@ class Slots:
         added_runs = 1 - sum(in_use)
         return kept is not None, added_runs, kept.last_used if kept is not None else 0, slot
 
-    def release(self, slot: int, prompt_done: TokenList[int] | None, followed: np.ndarray | None = None) -> None:
+    def release(self, slot: int, offered: TokenList[int] | None, followed: np.ndarray | None = None) -> None:
         """Give a slot back; the prefix cache says whether its KV stays (PrefixCache.keep)."""
-        if not self.cache.keep(slot, prompt_done, followed):
+        if not self.cache.keep(slot, offered, followed):
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
         self._free.add(slot)
 

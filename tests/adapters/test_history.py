@@ -4,7 +4,7 @@ One fixed sequence of requests (greedy, seeded, n with a seed, a json_schema and
 temperature 0, a long system prompt and the chat's next turn, a streamed answer, a text completion)
 goes to two servers started separately with the default flags: one quiet, where every request
 decodes alone (and so checks prompt-lookup guesses), and one that first answers other requests
-(some sharing the long system prompt, so its prefix cache and idle prefill hold other chunks) and
+(some sharing the long system prompt, so its prefix cache holds other prompts and answers) and
 then keeps unrelated requests running beside the sequence. Every choice must be byte-identical,
 logprobs included; tool call ids are random by design and set aside.
 """

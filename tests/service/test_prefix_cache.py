@@ -2,128 +2,17 @@
 
 Every test runs the same requests on two engines over the embedded model, one with the cache and
 one without, and requires the same text, the same logprobs (bit for bit) and the same finish
-reasons, while the cache's counters show that prefill was actually skipped.
+reasons, while the cache's counters show that prefill was actually skipped. With the default
+kernels a slot offers its answer's KV as it was decoded; test_idle_prefill.py covers the
+`--fast-nondeterministic` kernels, where idle prefill computes it again.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from dataclasses import dataclass
-
 import pytest
 
 from chatrpc.cli import build_parser
-from service.engine.json_constraints import ConstraintCompiler
-from service.engine.model import LoadedModel
-from service.engine.scheduler import Scheduler
-from service.models import embedded_model_path
-from service.request import Generation, SamplingParams
-
-TOPICS = ["a lighthouse keeper", "a beekeeper in the mountains", "a night train across the desert", "a baker at dawn"]
-
-
-def question(topic: str, turn: int) -> str:
-    # Long enough (~90 tokens) that a few turns cross several prefill chunks.
-    return (
-        f"Part {turn + 1}. Tell me more about {topic}: what the days are like in spring, summer, autumn and winter, "
-        "which tools are used, which sounds and smells fill the place, who visits, what goes wrong when the weather "
-        "turns, how the work has changed over the last hundred years, and what a newcomer should learn first. "
-        "Describe it plainly, in full sentences, as a story told to a friend."
-    )
-
-
-@dataclass(frozen=True)
-class Choice:
-    text: str
-    logprobs: tuple[float, ...]
-    finish_reason: str | None
-
-
-class Engine:
-    """One model with its scheduler, as service.models builds them, with the cache on or off."""
-
-    def __init__(
-        self,
-        *,
-        prefix_cache: bool,
-        slots: int = 3,
-        chunk: int = 256,
-        idle_prefill: bool = False,
-        flash_attention: bool = True,
-    ) -> None:
-        self.model = LoadedModel(
-            "test",
-            embedded_model_path(),
-            context_per_sequence=1024,
-            max_sequences=slots,
-            flash_attention=flash_attention,
-        )
-        self.scheduler = Scheduler(
-            self.model,
-            ConstraintCompiler(self.model.vocab, self.model.vocab_size),
-            prefill_chunk=chunk,
-            prefix_cache=prefix_cache,
-            idle_prefill=idle_prefill,
-        )
-        self.slots = slots
-
-    @property
-    def cache(self):
-        return self.scheduler.prefix_cache
-
-    def prompt(self, messages: list[dict]) -> list[int]:
-        return self.model.render_prompt(messages)
-
-    def run(
-        self, prompt: list[int], *, n: int = 1, max_tokens: int = 32, cancel_after: int | None = None, **sampling
-    ) -> list[Choice]:
-        generation = Generation(
-            prompt_tokens=prompt,
-            max_new_tokens=max_tokens,
-            stop=[],
-            n=n,
-            sampling=SamplingParams(logprobs=True, **sampling),
-        )
-        return asyncio.run(self._collect(generation, cancel_after))
-
-    async def _collect(self, generation: Generation, cancel_after: int | None) -> list[Choice]:
-        stream = self.scheduler.submit(generation)
-        texts = [""] * generation.n
-        logprobs: list[list[float]] = [[] for _ in range(generation.n)]
-        finish: list[str | None] = [None] * generation.n
-        seen = 0
-        async for update in stream.updates():
-            assert update.error is None, update.error
-            texts[update.index] += update.text
-            logprobs[update.index] += [entry.logprob for entry in update.logprobs or ()]
-            finish[update.index] = update.finish_reason or finish[update.index]
-            seen += 1
-            if cancel_after is not None and seen >= cancel_after:
-                stream.cancel()
-                # Updates may still come until the scheduler's next step: keep their loop open.
-                await self._until_idle(asyncio.sleep)
-                break
-        return [Choice(t, tuple(lp), f) for t, lp, f in zip(texts, logprobs, finish, strict=True)]
-
-    async def _until_idle(self, sleep) -> None:
-        """Until every slot is back (a cancelled request leaves at the scheduler's next step)."""
-        deadline = time.monotonic() + 60
-        while self.scheduler.slots.free_count < self.slots:
-            assert time.monotonic() < deadline, "the scheduler did not free its slots"
-            await sleep(0.01)
-
-    def wait_idle_prefill(self) -> None:
-        """Until the scheduler has prefilled, while idle, all that finished sequences generated."""
-        deadline = time.monotonic() + 60
-        while self.scheduler.idle_prefill.pending() or self.scheduler.idle_prefill.running:
-            assert time.monotonic() < deadline, "idle prefill did not finish"
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        self.scheduler.close()
-        self.model.close()
+from tests.service.prefix_engines import TOPICS, Engine, common_prefix, question
 
 
 @pytest.fixture
@@ -134,8 +23,8 @@ def engine_pair():
     def make(
         *, slots: int = 3, chunk: int = 256, idle_prefill: bool = False, flash_attention: bool = True
     ) -> tuple[Engine, Engine]:
-        # Idle prefill off unless asked for: with it, how much a request reuses depends on how far
-        # the idle pieces got before it came (the output never does).
+        # Idle prefill off unless asked for (it has nothing to do with the default kernels, whose
+        # answers' KV is offered as decoded: test_idle_prefill.py).
         made.append(
             Engine(
                 prefix_cache=True, slots=slots, chunk=chunk, idle_prefill=idle_prefill, flash_attention=flash_attention
@@ -149,17 +38,12 @@ def engine_pair():
         engine.close()
 
 
-def common_prefix(earlier: list[int], later: list[int]) -> int:
-    common = 0
-    while common < min(len(earlier), len(later)) and earlier[common] == later[common]:
-        common += 1
-    return common
-
-
-def shared_chunks(earlier: list[int], later: list[int], chunk: int) -> int:
-    """What the cache reuses at least: whole chunks of the earlier prompt that the later one starts
-    with, leaving at least the later prompt's last token to prefill."""
-    return min(common_prefix(earlier, later), len(later) - 1) // chunk * chunk
+def offered_reuse(engine: Engine, prompt: list[int]) -> int:
+    """What the cache offers `prompt` now: the longest common prefix with what a free slot holds,
+    leaving at least the prompt's last token to prefill, if it is worth a slot (64 tokens)."""
+    held = [list(kept.tokens) for _, kept in engine.cache.entries()]
+    best = max((min(common_prefix(h, prompt), len(prompt) - 1) for h in held), default=0)
+    return best if best >= 64 else 0
 
 
 @pytest.mark.parametrize(
@@ -167,38 +51,50 @@ def shared_chunks(earlier: list[int], later: list[int], chunk: int) -> int:
     [({"temperature": 0.0}, 256), ({"temperature": 0.8, "seed": 1234}, 64)],
     ids=["greedy-chunk256", "seeded-chunk64"],
 )
-def test_multi_turn_chat_is_identical_with_the_cache_and_reuses_the_history(sampling, chunk, engine_pair):
-    cached, plain = engine_pair(chunk=chunk)
+def test_multi_turn_chat_is_identical_with_the_cache_and_reuses_history_and_answers(sampling, chunk, engine_pair):
+    cached, plain = engine_pair(chunk=chunk, idle_prefill=True)
+    assert cached.model.rows_independent and cached.cache.offers_output
+    assert not cached.scheduler.idle_prefill.enabled  # the answers' KV is offered as decoded
     messages: list[dict] = []
     previous: list[int] | None = None
-    partial_reuse = False
     for turn in range(4):
         messages.append({"role": "user", "content": question(TOPICS[0], turn)})
         prompt = cached.prompt(messages)
         expected = plain.run(prompt, max_tokens=40, **sampling)
+        offered = offered_reuse(cached, prompt)
         reused_before = cached.cache.stats.reused_tokens
         got = cached.run(prompt, max_tokens=40, **sampling)
         assert got == expected, f"turn {turn + 1} differs with the prefix cache"
         reused = cached.cache.stats.reused_tokens - reused_before
-        if previous is None:
-            assert reused == 0
-        else:
-            # Whole chunks at least; with 256-token chunks also the previous prompt's last chunk
-            # (prefilled with >= 64 rows), so reuse ends between chunk boundaries.
-            assert shared_chunks(previous, prompt, chunk) <= reused <= common_prefix(previous, prompt), (
-                f"turn {turn + 1}"
-            )
-            partial_reuse = partial_reuse or reused % chunk != 0
+        assert reused == offered, f"turn {turn + 1}"
+        if previous is not None:
+            # Past the previous prompt, into the answer it resends (as the template renders it).
+            assert reused > common_prefix(previous, prompt), f"turn {turn + 1}"
         previous = prompt
         messages.append({"role": "assistant", "content": expected[0].text})
-    assert cached.cache.stats.reused_tokens >= chunk  # the chat did reach a reusable chunk
-    assert partial_reuse == (chunk == 256)  # 64-token chunks are all whole or too short to reuse
+        # The slot offers the prompt and the answer, all but its last token (not decoded yet).
+        held = [list(k.tokens) for _, k in cached.cache.entries()]
+        assert any(len(h) == len(prompt) + 39 and h[: len(prompt)] == prompt for h in held), f"turn {turn + 1}"
     # Every prompt token was either prefilled or taken from the cache; without it, all prefilled.
     assert (
         cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens
         == plain.scheduler.timings.prefilled_tokens
     )
     assert plain.cache.stats.reused_tokens == 0
+
+
+def test_a_prefix_shorter_than_a_piece_is_not_reused(engine_pair):
+    """A prompt that shares fewer than 64 tokens with a slot (a chat template's start, a short prompt
+    asked again) is not worth that slot, which could leave the running sequence ids out of order:
+    the slot is chosen as without the cache."""
+    cached, plain = engine_pair(slots=3, chunk=64)
+    short = cached.prompt([{"role": "user", "content": "Why is the sky blue?"}])
+    assert len(short) < 64
+    assert cached.run(short, temperature=0.0) == plain.run(short, temperature=0.0)
+    assert len(cached.cache.retained()) == 1
+    hits = cached.cache.stats.hits
+    assert cached.run(short, temperature=0.0) == plain.run(short, temperature=0.0)  # the same short prompt again
+    assert cached.cache.stats.hits == hits and cached.cache.stats.reused_tokens == 0
 
 
 def test_more_prefixes_than_slots_evicts_the_least_recently_used(engine_pair):
@@ -244,47 +140,21 @@ def test_n_choices_and_cancelled_requests_stay_identical(engine_pair):
     assert len({c.text for c in expected}) > 1  # the choices really are different draws
     assert cached.run(prompt, n=3, **seeded) == expected
     assert cached.cache.stats.reused_tokens > reused_before
-    assert len(cached.cache.retained()) == 1  # the three choices ended with one prompt: kept once
+    # Each choice's slot offers the prompt and its own answer.
+    held = [list(k.tokens) for _, k in cached.cache.entries()]
+    assert len(held) == 3 and all(h[: len(prompt)] == prompt and len(h) > len(prompt) for h in held)
 
-    # A request cancelled while generating keeps its prompt's chunks; the same prompt again reuses them.
+    # A request cancelled while generating keeps its KV; the same prompt again reuses all but its last token.
     history += [{"role": "assistant", "content": expected[0].text}, {"role": "user", "content": question(TOPICS[1], 2)}]
     prompt = cached.prompt(history)
     cached.run(prompt, max_tokens=200, cancel_after=5, temperature=0.0)
     reused_before = cached.cache.stats.reused_tokens
     assert cached.run(prompt, max_tokens=24, temperature=0.0) == plain.run(prompt, max_tokens=24, temperature=0.0)
-    assert cached.cache.stats.reused_tokens - reused_before == (len(prompt) - 1) // 64 * 64
+    assert cached.cache.stats.reused_tokens - reused_before == len(prompt) - 1
 
     # n = 2 cancelled right after its first token, then run in full: the same choices as without the cache.
     cached.run(prompt, n=2, max_tokens=200, cancel_after=1, **seeded)
     assert cached.run(prompt, n=2, **seeded) == plain.run(prompt, n=2, **seeded)
-
-
-def test_idle_prefill_lets_the_next_turn_reuse_the_answer(engine_pair):
-    cached, plain = engine_pair(idle_prefill=True)
-    assert cached.model.rows_independent
-    messages: list[dict] = []
-    previous: list[int] | None = None
-    for turn in range(3):
-        messages.append({"role": "user", "content": question(TOPICS[2], turn)})
-        prompt = cached.prompt(messages)
-        expected = plain.run(prompt, max_tokens=96, temperature=0.0)
-        reused_before = cached.cache.stats.reused_tokens
-        assert cached.run(prompt, max_tokens=96, temperature=0.0) == expected, f"turn {turn + 1} differs"
-        reused = cached.cache.stats.reused_tokens - reused_before
-        if previous is not None:
-            # Past the previous prompt: at least one idle piece (>= 64 rows) of the answer it resends.
-            assert reused >= common_prefix(previous, prompt) + 64, f"turn {turn + 1}"
-            assert reused <= len(prompt) - 64  # what it prefills is still a piece of >= 64 rows
-        cached.wait_idle_prefill()
-        previous = prompt
-        messages.append({"role": "assistant", "content": expected[0].text})
-    assert cached.scheduler.idle_prefill.stats.prefilled_tokens >= 2 * 64
-    assert cached.scheduler.idle_prefill.stats.interrupted == 0
-    # Idle prefill is counted apart: every prompt token was still prefilled once or reused.
-    assert (
-        cached.scheduler.timings.prefilled_tokens + cached.cache.stats.reused_tokens
-        == plain.scheduler.timings.prefilled_tokens
-    )
 
 
 def test_without_flash_attention_the_cache_reuses_whole_chunks_only(engine_pair):
@@ -305,59 +175,6 @@ def test_without_flash_attention_the_cache_reuses_whole_chunks_only(engine_pair)
         messages.append({"role": "assistant", "content": answer[0].text})
         messages.append({"role": "user", "content": question(TOPICS[1], 1)})
     assert cached.cache.stats.reused_tokens > 0
-
-
-def test_a_request_stops_idle_prefill_which_resumes_once_idle_again(engine_pair, caplog):
-    cached, plain = engine_pair(idle_prefill=True)
-    first = [{"role": "user", "content": question(TOPICS[3], 0)}]
-    prompt = cached.prompt(first)
-    answer = plain.run(prompt, max_tokens=200, temperature=0.0)
-    other = cached.prompt([{"role": "user", "content": question(TOPICS[0], 0)}])
-    other_expected = plain.run(other, max_tokens=8, temperature=0.0)
-    assert cached.run(prompt, max_tokens=200, temperature=0.0) == answer
-    deadline = time.monotonic() + 60
-    while not cached.scheduler.idle_prefill.running:  # a piece of ~200 rows stays in llama_decode a while
-        assert time.monotonic() < deadline, "idle prefill did not start"
-        time.sleep(0.001)
-    # Another conversation comes meanwhile: it stops the piece (and takes another slot).
-    assert cached.run(other, max_tokens=8, temperature=0.0) == other_expected
-    assert cached.scheduler.idle_prefill.stats.interrupted == 1
-    # llama.cpp reports a stopped decode at ERROR level; a stop on purpose is no error of the server.
-    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    cached.wait_idle_prefill()  # idle again: the stopped piece is done after all
-    follow = [
-        *first,
-        {"role": "assistant", "content": answer[0].text},
-        {"role": "user", "content": question(TOPICS[3], 1)},
-    ]
-    prompt_2 = cached.prompt(follow)
-    reused_before = cached.cache.stats.reused_tokens
-    assert cached.run(prompt_2, max_tokens=24, temperature=0.0) == plain.run(prompt_2, max_tokens=24, temperature=0.0)
-    assert cached.cache.stats.reused_tokens - reused_before >= common_prefix(prompt, prompt_2) + 64
-
-
-def test_a_request_on_its_way_stops_idle_prefill_and_none_starts_until_it_is_queued(engine_pair):
-    cached, plain = engine_pair(idle_prefill=True)
-    prompt = cached.prompt([{"role": "user", "content": question(TOPICS[2], 0)}])
-    answer = plain.run(prompt, max_tokens=200, temperature=0.0)
-    assert cached.run(prompt, max_tokens=200, temperature=0.0) == answer  # then its answer is prefilled while idle
-    idle = cached.scheduler.idle_prefill
-    deadline = time.monotonic() + 60
-    while not idle.running:
-        assert time.monotonic() < deadline, "idle prefill did not start"
-        time.sleep(0.001)
-    # The servicer holds arriving() while it checks and tokenizes a request, before submit().
-    with cached.scheduler.arriving():
-        while idle.running:
-            assert time.monotonic() < deadline, "the piece was not stopped"
-            time.sleep(0.001)
-        assert idle.stats.interrupted == 1
-        # Left alone, the scheduler would start the piece again at once; a piece stays in
-        # llama_decode far longer than this.
-        time.sleep(0.3)
-        assert not idle.running and idle.pending()
-    cached.wait_idle_prefill()  # once nothing is on its way, the piece is done after all
-    assert idle.stats.interrupted == 1
 
 
 def test_prefix_cache_flag_defaults_on():
