@@ -16,18 +16,21 @@ kernels:
    are the prompt-lookup draft of its history (speculation.lookup_draft, with the server's
    settings), and the oracle knows how many of them hold: it checks only those, and picks the
    step's shape with the most tokens per second among "every sequence checks min(k, held) of its
-   guesses" and "those that hold k check k, the others none", for every k. A step costs the
-   fitted prices of its passes (batch.ubatch_rows: a pass per run of sequences with as many rows),
-   interpolated to the step's mean context. Plain decoding is the same replay with no guesses.
+   guesses", for every k, and "up to three levels k1 > k2 > k3, each sequence at the highest that
+   its guesses hold to, or none", for every such levels. A step costs the fitted prices of its
+   passes (batch.ubatch_rows: a pass per run of sequences with as many rows), interpolated to the
+   step's mean context. Plain decoding is the same replay with no guesses.
 
 It prints tokens per second of plain and of oracle decoding, the prefill measured in step 1 added
-to both, and what the oracle gains. Sampling, the scheduler and the network are left out, so no
-server checking these guesses on these kernels serves the workload faster than the oracle line.
+to both, and what the oracle gains. No guess is wasted and sampling, the scheduler and the network
+are left out: what checking these guesses could give on these kernels, with every step the best
+of those shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -162,9 +165,14 @@ def replay(prompts: list[list[int]], outputs: list[list[int]], price: PassPrice,
         ids = [seq_ids[i] for i in running]
         choices = [[0] * len(running)]
         if guess:
-            for k in range(1, max(held, default=0) + 1):
+            most = max(held, default=0)
+            for k in range(1, most + 1):
                 choices.append([min(k, h) for h in held])
-                choices.append([k if h >= k else 0 for h in held])
+            # Up to three levels of guesses, each sequence at the highest its guesses hold to: a
+            # step of fewer passes than min(k, held) makes, where sequences hold to different depths.
+            for depth in (1, 2, 3):
+                for levels in itertools.combinations(range(most, 0, -1), depth):
+                    choices.append([next((k for k in levels if k <= h), 0) for h in held])
         costs = [sum(price(rows, context) for rows in ubatch_rows(ids, [1 + g for g in c])) for c in choices]
         rates = [(len(running) + sum(c)) / seconds_of for c, seconds_of in zip(choices, costs, strict=True)]
         best = int(np.argmax(rates))
