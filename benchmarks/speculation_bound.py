@@ -37,6 +37,7 @@ import time
 import llama_cpp
 import numpy as np
 from serving import END_TOKENS, PROMPTS  # benchmarks/, the script's own folder
+from step_shapes import hold_context, time_pass
 
 from service.engine.batch import Decoder, ubatch_rows
 from service.engine.model import LoadedModel
@@ -82,17 +83,9 @@ def answers(model: LoadedModel, decoder: Decoder, prompts: list[list[int]]) -> t
 
 def pass_prices(model: LoadedModel, decoder: Decoder, repeats: int) -> dict[int, dict[int, float]]:
     """Median seconds of a pass of R rows (PASS_SHAPES), by context, then by R."""
-    prompt = model.render_prompt([{"role": "user", "content": "Explain how a lighthouse works, with its history."}])
     prices = {}
     for context in CONTEXTS:
-        # What a pass costs depends on how many positions its rows attend to, not on which tokens.
-        held = prompt + (prompt[1:] * (context // len(prompt) + 1))[: max(context - len(prompt), 0)]
-        for seq_id in range(8):
-            llama_cpp.llama_memory_seq_rm(model.memory, seq_id, -1, -1)
-            decoder.batch.clear()
-            decoder.batch.add(seq_id, held, 0, output_last=True)
-            decoder.run()
-        start = len(held)
+        start = hold_context(model, decoder, 8, context)
         for rows in PASS_SHAPES.values():  # warm-up
             time_pass(model, decoder, rows, start)
         times: dict[int, list[float]] = {total: [] for total in PASS_SHAPES}
@@ -101,19 +94,6 @@ def pass_prices(model: LoadedModel, decoder: Decoder, repeats: int) -> dict[int,
                 times[total].append(time_pass(model, decoder, rows, start))
         prices[context] = {total: statistics.median(values) for total, values in times.items()}
     return prices
-
-
-def time_pass(model: LoadedModel, decoder: Decoder, rows: list[int], start: int) -> float:
-    """Seconds of one pass with `rows[i]` rows of sequence i after `start` positions, then undone."""
-    decoder.batch.clear()
-    for seq_id, count in enumerate(rows):
-        decoder.batch.add(seq_id, [236761] * count, start, output_last=True, output_all=True)
-    started = time.perf_counter()
-    decoder.run()
-    elapsed = time.perf_counter() - started
-    for seq_id in range(len(rows)):
-        llama_cpp.llama_memory_seq_rm(model.memory, seq_id, start, -1)
-    return elapsed
 
 
 class PassPrice:

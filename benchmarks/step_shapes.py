@@ -69,26 +69,10 @@ def measure(kernels: str, repeats: int, context: int) -> dict[str, float]:
         "bench", embedded_model_path(), context_per_sequence=1024, max_sequences=16, deterministic=kernels == "chatrpc"
     )
     decoder = Decoder(model, StepTimings())
-    prompt = model.render_prompt([{"role": "user", "content": "Explain how a lighthouse works, with its history."}])
-    # Longer contexts repeat the prompt's tokens: what a step costs depends on how many positions
-    # its rows attend to, not on which tokens those are.
-    held = prompt + (prompt[1:] * (context // len(prompt) + 1))[: max(context - len(prompt), 0)]
-    for seq_id in range(16):
-        decoder.batch.clear()
-        decoder.batch.add(seq_id, held, 0, output_last=True)
-        decoder.run()
-    start = len(held)
+    start = hold_context(model, decoder, 16, context)
 
     def step(rows: list[int]) -> float:
-        decoder.batch.clear()
-        for seq_id, count in enumerate(rows):
-            decoder.batch.add(seq_id, [236761] * count, start, output_last=True, output_all=True)
-        started = time.perf_counter()
-        decoder.run()
-        elapsed = time.perf_counter() - started
-        for seq_id in range(len(rows)):
-            llama_cpp.llama_memory_seq_rm(model.memory, seq_id, start, -1)
-        return elapsed
+        return time_pass(model, decoder, rows, start)
 
     for rows in SHAPES.values():  # warm-up
         step(rows)
@@ -97,6 +81,39 @@ def measure(kernels: str, repeats: int, context: int) -> dict[str, float]:
         for name, rows in SHAPES.items():
             times[name].append(step(rows))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def hold_context(model, decoder, sequences: int, context: int) -> int:
+    """Prefills sequences 0 .. `sequences` - 1 with the same prompt, or `context` positions (the
+    prompt and its tokens again, as a long answer would hold); returns where a step's rows go."""
+    import llama_cpp  # the caller's process has loaded it with its kernels chosen
+
+    prompt = model.render_prompt([{"role": "user", "content": "Explain how a lighthouse works, with its history."}])
+    # Longer contexts repeat the prompt's tokens: what a step costs depends on how many positions
+    # its rows attend to, not on which tokens those are.
+    held = prompt + (prompt[1:] * (context // len(prompt) + 1))[: max(context - len(prompt), 0)]
+    for seq_id in range(sequences):
+        llama_cpp.llama_memory_seq_rm(model.memory, seq_id, -1, -1)
+        decoder.batch.clear()
+        decoder.batch.add(seq_id, held, 0, output_last=True)
+        decoder.run()
+    return len(held)
+
+
+def time_pass(model, decoder, rows: list[int], start: int) -> float:
+    """Seconds of one `llama_decode` with `rows[i]` rows of sequence i after `start` positions,
+    every row with logits (as checked guesses need them); the rows are removed again."""
+    import llama_cpp
+
+    decoder.batch.clear()
+    for seq_id, count in enumerate(rows):
+        decoder.batch.add(seq_id, [236761] * count, start, output_last=True, output_all=True)
+    started = time.perf_counter()
+    decoder.run()
+    elapsed = time.perf_counter() - started
+    for seq_id in range(len(rows)):
+        llama_cpp.llama_memory_seq_rm(model.memory, seq_id, start, -1)
+    return elapsed
 
 
 def main() -> None:
