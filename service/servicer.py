@@ -4,8 +4,8 @@ prompt is made and the answer packed, and share the rest.
 
 Errors are `ServiceError`s raised anywhere below, the engine's included (a failed sequence's update
 carries one); they become the RPC's status in one place, service/errors.py.
-When the client cancels or its deadline passes, grpc.aio cancels the handler and the `finally`
-cancels the sequence, which the scheduler frees at its next step.
+When the client cancels or its deadline passes, grpc.aio cancels the handler and the `finally` of
+`_updates` cancels the sequence, which the scheduler frees at its next step.
 
 Checking a request, rendering its prompt, tokenizing it and compiling its grammar run in a worker
 thread, never on the event loop, where a large request would hold up every other call
@@ -15,7 +15,8 @@ thread, never on the event loop, where a large request would hold up every other
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from service.choice_output import ChoiceOutput
 from service.completion_output import CompletionOutput
 from service.completion_request import build_completion_generation, check_completion_parameters
 from service.engine.scheduler import RequestStream
+from service.engine.sequence import SequenceUpdate
 from service.errors import reported_as_status
 from service.limits import RequestLimits
 from service.metrics import ServiceMetrics
@@ -122,19 +124,29 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         record.completion_tokens = sum(output.completion_tokens for output in outputs)
         record.finish_reasons = [output.finish_reason or "none" for output in outputs]
 
-    async def _collect(
+    async def _updates(
         self, stream: RequestStream, record: CallRecord, outputs: list[ChoiceOutput] | list[CompletionOutput]
-    ) -> None:
-        """A unary call's whole answer: every update into its choice's output."""
+    ) -> AsyncIterator[SequenceUpdate]:
+        """The request's updates, a failed sequence's error raised. However the call ends (done, an
+        error, the client gone), its sequences are cancelled and its outputs go to the access line:
+        callers iterate it under `contextlib.aclosing`, so that this happens as they stop."""
         try:
             async for update in stream.updates():
                 if update.error is not None:
                     raise update.error
                 record.output_arrived(update.cached_tokens)
-                outputs[update.index].add(update)
+                yield update
         finally:
             stream.cancel()
             self._finish(record, outputs)
+
+    async def _collect(
+        self, stream: RequestStream, record: CallRecord, outputs: list[ChoiceOutput] | list[CompletionOutput]
+    ) -> None:
+        """A unary call's whole answer: every update into its choice's output."""
+        async with contextlib.aclosing(self._updates(stream, record, outputs)) as updates:
+            async for update in updates:
+                outputs[update.index].add(update)
 
     @reported_as_status
     @access_logged
@@ -160,11 +172,8 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         # the model's threads hold every core for the prefill. Its finish_reason rides on its last
         # chunk. Each message saved is a wake-up of the client (and the REST adapter) fewer.
         started = [False] * len(outputs)
-        try:
-            async for update in stream.updates():
-                if update.error is not None:
-                    raise update.error
-                record.output_arrived(update.cached_tokens)
+        async with contextlib.aclosing(self._updates(stream, record, outputs)) as updates:
+            async for update in updates:
                 piece = outputs[update.index].add(update)
                 logprobs = piece.logprobs if want_logprobs else None
                 if piece.text or piece.tool_calls or logprobs or piece.finish_reason is not None:
@@ -174,14 +183,9 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
                         header, update.index, role=first, text=piece.text or ("" if first else None),
                         tool_calls=piece.tool_calls, logprobs=logprobs, finish_reason=piece.finish_reason,
                     )  # fmt: skip
-            if checked.include_usage:
-                completion_tokens = sum(o.completion_tokens for o in outputs)
-                yield responses.usage_chunk(
-                    header, len(generation.prompt_tokens), completion_tokens, record.cached_tokens
-                )
-        finally:
-            stream.cancel()
-            self._finish(record, outputs)
+        if checked.include_usage:
+            completion_tokens = sum(o.completion_tokens for o in outputs)
+            yield responses.usage_chunk(header, len(generation.prompt_tokens), completion_tokens, record.cached_tokens)
 
     @reported_as_status
     @access_logged
@@ -208,11 +212,8 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
         # As for a chat: a choice's first chunk goes out with its first text (after the echoed
         # prompt), once the prompt is prefilled, so that an early failure is a plain error status.
         started = [False] * len(outputs)
-        try:
-            async for update in stream.updates():
-                if update.error is not None:
-                    raise update.error
-                record.output_arrived(update.cached_tokens)
+        async with contextlib.aclosing(self._updates(stream, record, outputs)) as updates:
+            async for update in updates:
                 output = outputs[update.index]
                 offsets = output.add(update)
                 text = update.text if started[update.index] else output.echo + update.text
@@ -224,14 +225,11 @@ class ChatCompletionsServicer(chat_pb2_grpc.ChatCompletionsServicer):
                     yield responses.text_completion_chunk(
                         header, update.index, text=text, finish_reason=update.finish_reason, logprobs=logprobs
                     )
-            if checked.include_usage:
-                completion_tokens = sum(o.completion_tokens for o in outputs)
-                yield responses.text_completion_usage_chunk(
-                    header, len(generation.prompt_tokens), completion_tokens, record.cached_tokens
-                )
-        finally:
-            stream.cancel()
-            self._finish(record, outputs)
+        if checked.include_usage:
+            completion_tokens = sum(o.completion_tokens for o in outputs)
+            yield responses.text_completion_usage_chunk(
+                header, len(generation.prompt_tokens), completion_tokens, record.cached_tokens
+            )
 
     async def ListModels(self, request, context):  # noqa: N802
         return chat_pb2.ModelList(
