@@ -7,7 +7,8 @@ and measured in alternation, `--rounds` times, medians:
   cold N              a prompt of N tokens prefilled from position 0 in chunks of 256, as a cold
                       request is (N = 747: turn 6 of benchmarks/serving.py's chat)
   R rows @P           one prompt chunk of R rows after P tokens already in the cache (147 @ 600:
-                      what turn 6 prefills when turn 5's answer was not prefilled again while idle)
+                      what turn 6 prefills when turn 5's answer is not reused: flash attention off, or
+                      --fast-nondeterministic back to back)
   decode S x K @L     a decode step of S sequences with K rows each, after L tokens of context
                       (1 x 4: a lone sequence checking 3 speculative guesses; 8 x 1: 8 streams)
 
