@@ -125,11 +125,11 @@ def replay(prompts: list[list[int]], outputs: list[list[int]], price: PassPrice,
     settings = EngineSettings()
     min_n, max_n = settings.speculative_ngram
     count = len(prompts)
-    seq_ids = list(range(count))
     histories = [np.asarray(p + o, dtype=np.int32) for p, o in zip(prompts, outputs, strict=True)]
     done = [1] * count  # tokens of each answer known: the first comes with the prompt's prefill
     seconds, steps = 0.0, 0
     while True:
+        # Answer i decodes as sequence id i (consecutive slots, as chatrpc hands them out).
         running = [i for i in range(count) if done[i] < TOKENS]
         if not running:
             return seconds, steps
@@ -142,7 +142,6 @@ def replay(prompts: list[list[int]], outputs: list[list[int]], price: PassPrice,
             matching = np.flatnonzero(draft != truth[: len(draft)])
             held.append(int(matching[0]) if matching.size else len(draft))
         context = statistics.fmean(len(prompts[i]) + done[i] for i in running)
-        ids = [seq_ids[i] for i in running]
         choices = [[0] * len(running)]
         if guess:
             most = max(held, default=0)
@@ -153,7 +152,7 @@ def replay(prompts: list[list[int]], outputs: list[list[int]], price: PassPrice,
             for depth in (1, 2, 3):
                 for levels in itertools.combinations(range(most, 0, -1), depth):
                     choices.append([next((k for k in levels if k <= h), 0) for h in held])
-        costs = [sum(price(rows, context) for rows in ubatch_rows(ids, [1 + g for g in c])) for c in choices]
+        costs = [sum(price(rows, context) for rows in ubatch_rows(running, [1 + g for g in c])) for c in choices]
         rates = [(len(running) + sum(c)) / seconds_of for c, seconds_of in zip(choices, costs, strict=True)]
         best = int(np.argmax(rates))
         seconds += costs[best]

@@ -70,16 +70,12 @@ def measure(kernels: str, repeats: int, context: int) -> dict[str, float]:
     )
     decoder = Decoder(model, StepTimings())
     start = hold_context(model, decoder, 16, context)
-
-    def step(rows: list[int]) -> float:
-        return time_pass(model, decoder, rows, start)
-
     for rows in SHAPES.values():  # warm-up
-        step(rows)
+        time_pass(model, decoder, rows, start)
     times: dict[str, list[float]] = {name: [] for name in SHAPES}
     for _ in range(repeats):
         for name, rows in SHAPES.items():
-            times[name].append(step(rows))
+            times[name].append(time_pass(model, decoder, rows, start))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
